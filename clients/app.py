@@ -1,0 +1,105 @@
+"""The Flower ClientApp: restore my personal part, run my strategy's local update, reply with
+only the shared part.
+
+Per process, the config is parsed once, the model is built once and each partition's data is
+loaded once; a message costs only the local update.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrep.algorithms.base import ClientUpdateRule
+from fedrep.algorithms.training import round_generator
+from fedrep.config import RunConfig, parse_run_config
+from fedrep.data.federated import load_client_data
+from fedrep.models import build_model
+from fedrep.models.base import SplitModel
+from fedrep.registry import get_strategy
+from clients.state import load_personal, save_personal
+
+app = ClientApp()
+
+
+def _frozen(run_config: dict) -> tuple:
+    return tuple(sorted(run_config.items()))
+
+
+@lru_cache(maxsize=4)
+def _setup(frozen_config: tuple) -> tuple[RunConfig, ClientUpdateRule, SplitModel, dict]:
+    cfg = parse_run_config(dict(frozen_config), "Flower run config (client)")
+    rule = get_strategy(cfg.strategy).client(cfg)
+    model = build_model(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.set_num_threads(cfg.client_threads)
+    return cfg, rule, model, initial
+
+
+def _partition(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except KeyError:
+        raise RuntimeError("node config lacks 'partition-id'; start the SuperNode with "
+                           "--node-config 'partition-id=N num-partitions=M'") from None
+
+
+def _prepare(msg: Message, context: Context, after_training: bool
+             ) -> tuple[RunConfig, ClientUpdateRule, SplitModel, int, int, str, str]:
+    """Load shared (from the message) + personal (from my state) parameters into the model.
+
+    Training in round r restores the newest personal version from a round < r; evaluation runs
+    after round r's training, so it may use the version round r itself produced."""
+    cfg, rule, model, initial = _setup(_frozen(dict(context.run_config)))
+    pid = _partition(context)
+    server_round = int(msg.content["config"]["server-round"])
+    run_dir = str(msg.content["config"]["run-dir"])
+    newest_allowed = server_round + 1 if after_training else server_round
+    shared = msg.content["arrays"].to_torch_state_dict()
+    expected = rule.shared_keys(model)
+    if list(shared) != expected:
+        raise RuntimeError(f"server sent {list(shared)[:3]}..., strategy {cfg.strategy} shares "
+                           f"{expected[:3]}...; server and client disagree on the strategy")
+    personal, source = load_personal(context, run_dir, pid, newest_allowed)
+    if personal is None:
+        personal = {k: initial[k] for k in rule.personal_keys(model)}
+    model.load_state_dict({**shared, **personal})
+    return cfg, rule, model, pid, server_round, run_dir, source
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}),
+                   reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, rule, model, pid, server_round, run_dir, source = _prepare(msg, context, after_training=False)
+    data = load_client_data(cfg, pid)
+    result = rule.fit(model, data, round_generator(cfg.seed, server_round, pid))
+    state = model.state_dict()
+    save_personal(context, run_dir, pid, server_round, {k: state[k] for k in rule.personal_keys(model)})
+    shared = ArrayRecord({k: state[k] for k in rule.shared_keys(model)})
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        "partition-id": pid,
+        "local-steps": result.steps,
+        "personal-restored": {"fresh": 0, "node-state": 1, "file": 2}[source],
+    })
+    return Message(RecordDict({"arrays": shared, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, rule, model, pid, _, _, source = _prepare(msg, context, after_training=True)
+    result = rule.evaluate(model, load_client_data(cfg, pid))
+    metrics = {"num-examples": result.num_examples, "loss": result.loss, "partition-id": pid,
+               "personal-restored": {"fresh": 0, "node-state": 1, "file": 2}[source]}
+    if result.accuracy is not None:
+        metrics["accuracy"] = result.accuracy
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,76 @@
+"""Where a client keeps its personal parameters (its head, for FedRep) between rounds.
+
+Two layers, both on the client's side of the wire:
+
+* Flower node state (``context.state``): kept by the SuperNode across rounds of one run;
+* a node-local file, written by the client itself after every local update, so that a stopped
+  run resumes exactly and a restarted node gets its head back. In simulation it lives under the
+  run folder (``RUN_DIR/client-state``); a deployed SuperNode sets ``state-dir`` in its node
+  config to keep it on its own disk.
+
+Each file holds the two newest versions, tagged by the round that produced them. A client
+training in round r restores the newest version from a round < r, so a run killed half-way
+through round r (after some clients already wrote round r) still resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from fedrep.results import CLIENT_STATE, client_state_file
+
+HEAD_RECORD, META_RECORD = "personal", "personal-meta"
+KEEP_VERSIONS = 2
+
+Params = dict[str, torch.Tensor]
+
+
+def state_root(context: Context, run_dir: str) -> Path:
+    node_dir = context.node_config.get("state-dir")
+    if node_dir:
+        return Path(str(node_dir)) / Path(run_dir).name
+    return Path(run_dir) / CLIENT_STATE
+
+
+def _read_versions(path: Path) -> dict[int, Params]:
+    if not path.is_file():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_personal(context: Context, run_dir: str, partition: int, server_round: int
+                  ) -> tuple[Params | None, str]:
+    """(params, where-from) of the newest version produced before ``server_round``;
+    (None, "fresh") on first contact."""
+    meta = context.state.config_records.get(META_RECORD)
+    if meta is not None and int(meta["round"]) < server_round and HEAD_RECORD in context.state:
+        return dict(context.state.array_records[HEAD_RECORD].to_torch_state_dict()), "node-state"
+    versions = _read_versions(client_state_file(state_root(context, run_dir), partition))
+    earlier = [r for r in versions if r < server_round]
+    if earlier:
+        return versions[max(earlier)], "file"
+    return None, "fresh"
+
+
+def save_personal(context: Context, run_dir: str, partition: int, server_round: int,
+                  params: Params) -> None:
+    params = {k: v.detach().clone() for k, v in params.items()}
+    context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
+    context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
+    path = client_state_file(state_root(context, run_dir), partition)
+    versions = _read_versions(path)
+    versions[server_round] = params
+    for old in sorted(versions)[:-KEEP_VERSIONS]:
+        del versions[old]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(versions, buf)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
+        tmp.write(buf.getvalue())
+    os.replace(tmp.name, path)

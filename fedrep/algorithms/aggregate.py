@@ -1,0 +1,46 @@
+"""Server-side arithmetic, free of Flower so it can be checked against hand computations."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def weighted_average(
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+) -> dict[str, np.ndarray]:
+    """sum_i w_i * theta_i / sum_i w_i per key (FedAvg/FedRep body aggregation, weights = sample
+    counts). Accumulates in float64; returns each array in its input dtype."""
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    keys = list(updates[0][0])
+    for arrays, _ in updates[1:]:
+        if list(arrays) != keys:
+            raise ValueError(f"updates disagree on keys: {sorted(arrays)} vs {sorted(keys)}")
+    total = float(sum(weight for _, weight in updates))
+    if total <= 0:
+        raise ValueError("weighted_average needs a positive total weight")
+    out: dict[str, np.ndarray] = {}
+    for key in keys:
+        acc = np.zeros(np.shape(updates[0][0][key]), dtype=np.float64)
+        for arrays, weight in updates:
+            acc += np.asarray(arrays[key], dtype=np.float64) * (weight / total)
+        out[key] = acc.astype(np.asarray(updates[0][0][key]).dtype)
+    return out
+
+
+def summarize(values: Sequence[float], weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Mean, std, min, max of per-client values (the paper reports the unweighted mean of local
+    accuracies); ``weighted-mean`` too when weights are given."""
+    arr = np.asarray(values, dtype=np.float64)
+    out = {
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+    }
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        out["weighted-mean"] = float((arr * w).sum() / w.sum())
+    return out

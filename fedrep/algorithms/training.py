@@ -1,0 +1,122 @@
+"""The shared, boring training loop. Algorithms differ only in which parameters each phase trains.
+
+No DataLoader: a client's data is already one tensor pair in memory, and index batching with an
+explicit ``torch.Generator`` keeps shuffles reproducible per (seed, round, client) without
+touching global RNG state, which is what makes resumed runs match uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedrep.config import RunConfig
+from fedrep.models.base import SplitModel
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Train exactly ``trainable`` (state-dict names) for ``epochs`` epochs; all else is frozen."""
+
+    trainable: frozenset[str]
+    epochs: int
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    num_examples: int
+    loss: float  # mean train loss over the last phase's last epoch (nan if no step was taken)
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_examples: int
+    loss: float
+    accuracy: float | None  # None for regression
+
+
+def round_generator(seed: int, server_round: int, client: int) -> torch.Generator:
+    """Independent, reproducible stream per (run seed, round, client)."""
+    state = np.random.SeedSequence([seed, server_round, client]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def loss_fn(model: SplitModel, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if model.task == "regression":
+        return F.mse_loss(output, target)
+    return F.cross_entropy(output, target)
+
+
+def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, weight decay on weights only (official ``LocalUpdate.train``). One
+    optimizer spans all phases of a local update, as in the official code."""
+    weights = [p for n, p in model.named_parameters() if "bias" not in n.rsplit(".", 1)[-1]]
+    biases = [p for n, p in model.named_parameters() if "bias" in n.rsplit(".", 1)[-1]]
+    return torch.optim.SGD(
+        [
+            {"params": weights, "weight_decay": cfg.weight_decay},
+            {"params": biases, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+    )
+
+
+def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
+    wanted = set(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+
+
+def run_phases(
+    model: SplitModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phases: Iterable[Phase],
+    cfg: RunConfig,
+    generator: torch.Generator,
+) -> LocalResult:
+    """Run the phases in order with one optimizer; return the last epoch's mean loss."""
+    optimizer = make_optimizer(model, cfg)
+    model.train()
+    n = len(y)
+    steps, last_loss = 0, float("nan")
+    for phase in phases:
+        set_trainable(model, phase.trainable)
+        for _ in range(phase.epochs):
+            order = torch.randperm(n, generator=generator)
+            total, count = 0.0, 0
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model, model(x[idx]), y[idx])
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+                steps += 1
+            last_loss = total / max(count, 1)
+    set_trainable(model, (name for name, _ in model.named_parameters()))
+    return LocalResult(num_examples=n, loss=last_loss, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(model: SplitModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> EvalResult:
+    """Loss and top-1 accuracy on a client's local test split (official test batch size 128)."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        out = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total_loss += loss_fn(model, out, target).item() * len(target)
+        if model.task == "classification":
+            correct += int((out.argmax(dim=1) == target).sum())
+    n = max(len(y), 1)
+    accuracy = correct / n if model.task == "classification" else None
+    return EvalResult(num_examples=len(y), loss=total_loss / n, accuracy=accuracy)

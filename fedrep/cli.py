@@ -1,0 +1,189 @@
+"""``fedrep``: run, resume and plot federated runs; list strategy plugins.
+
+Precedence of configuration, lowest to highest: built-in defaults (== ``[tool.flwr.app.config]``),
+``--config FILE``, the named flags, ``--set key=value``. Everything is validated before anything
+starts, and a bad key or value exits with status 2 and a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedrep.config import (
+    ConfigError,
+    RunConfig,
+    load_experiment_file,
+    parse_override,
+    parse_run_config,
+)
+
+FLAG_KEYS = {
+    "strategy": "strategy",
+    "num_clients": "num-clients",
+    "classes_per_client": "classes-per-client",
+    "rounds": "num-rounds",
+    "seed": "seed",
+    "out": "out-dir",
+    "dataset": "dataset",
+    "model": "model",
+    "partition": "partition",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a federated experiment")
+    run.add_argument("--config", help="experiment file (flat TOML, run-config keys)")
+    run.add_argument("--strategy", help="strategy plugin name (see `fedrep strategies`)")
+    run.add_argument("--num-clients", type=int, help="number of clients n")
+    run.add_argument("--classes-per-client", type=int, help="s for the pathological split")
+    run.add_argument("--rounds", type=int, help="communication rounds")
+    run.add_argument("--seed", type=int, help="run seed")
+    run.add_argument("--out", help="parent folder for the run folder (default: runs)")
+    run.add_argument("--dataset", help="fashion-mnist | linear-synthetic")
+    run.add_argument("--model", help="cnn | mlp | linear")
+    run.add_argument("--partition", help="pathological | dirichlet | iid")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any run-config key, e.g. --set head-epochs=5 (repeatable)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    run.add_argument("--engine", choices=("simulation", "flwr"), default="simulation",
+                     help="'simulation': Flower's Simulation Runtime in this process (default); "
+                          "'flwr': drive `flwr run` against a local SuperLink")
+    run.add_argument("--app", default=".", help="Flower app folder for --engine flwr")
+    run.add_argument("-v", "--verbose", action="store_true", help="Flower debug logs")
+
+    plot = sub.add_parser("plot", help="(re)draw a run's plot")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
+
+    sub.add_parser("strategies", help="list installed strategy plugins")
+    return parser
+
+
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults, file, flags and --set into one validated config with run-dir decided."""
+    from fedrep.results import RunDir, new_run_name
+
+    values: dict[str, Any] = {}
+    if args.resume:
+        values.update(RunDir.open(args.resume).saved_config().to_flower())
+    if args.config:
+        values.update(load_experiment_file(args.config))
+    for attr, key in FLAG_KEYS.items():
+        if getattr(args, attr, None) is not None:
+            values[key] = getattr(args, attr)
+    for item in args.set:
+        key, value = parse_override(item)
+        values[key] = value
+    if args.resume:
+        values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
+    cfg = parse_run_config(values, "fedrep run configuration")
+    if not cfg.run_dir:
+        run_dir = (Path(cfg.out_dir) / new_run_name(cfg)).resolve()
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+    return cfg
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail fast, before Ray starts, on what would otherwise fail inside a client."""
+    from fedrep.registry import get_strategy
+
+    get_strategy(cfg.strategy)
+    if cfg.dataset == "fashion-mnist":
+        from fedrep.data.federated import DataKey, partitions
+
+        partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
+
+
+def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
+    """Drive the plain Flower route: ``flwr run APP --stream`` on a local SuperLink."""
+    from fedrep.results import RunDir
+    from fedrep.simulation import _toml_value, quiet_flower_env
+
+    quiet_flower_env()
+    flwr = shutil.which("flwr")
+    if flwr is None:
+        raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
+    overrides: list[str] = []
+    for key, value in cfg.to_flower().items():
+        overrides += ["--run-config", f"{key}={_toml_value(value)}"]
+    federation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus}"
+    cmd = [flwr, "run", app, "--stream", "--federation-config", federation, *overrides]
+    if verbose:
+        print("+", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=False)
+    run = RunDir(cfg.run_dir)
+    if not run.state_file.is_file() or run.state().get("status") != "completed":
+        raise RuntimeError(f"the Flower run did not complete; see the log above and {run.path}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = resolve_run_config(args)
+    preflight(cfg)
+    if args.engine == "flwr":
+        _flwr_run(cfg, args.app, args.verbose)
+    else:
+        from fedrep.simulation import simulate
+
+        with tempfile.TemporaryDirectory(prefix="fedrep-app-") as app_dir:
+            simulate(cfg, Path(app_dir), verbose=args.verbose)
+    print(f"results: {cfg.run_dir}")
+    for name in ("metrics.csv", "metrics.jsonl", "plot.png", "checkpoints/"):
+        print(f"  {Path(cfg.run_dir) / name}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedrep.plotting import plot_run
+    from fedrep.results import RunDir
+
+    RunDir.open(args.run_dir)
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_strategies(_: argparse.Namespace) -> int:
+    from fedrep.registry import describe
+
+    rows = describe()
+    if not rows:
+        print("no strategy plugins installed (entry-point group 'fedrep.strategies')")
+        return 1
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  [{row['package']}: {row['target']}]")
+        print(f"{'':<{width}}  {row['description']}")
+        if row.get("config-keys"):
+            print(f"{'':<{width}}  config keys: {row['config-keys']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies}
+    from fedrep.data.fashion_mnist import DataError
+    from fedrep.registry import PluginError
+
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, DataError, PluginError) as err:
+        print(f"fedrep: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedrep: interrupted; continue with `fedrep run --resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Strategy plugins: a name -> (server strategy, client update rule) registry.
+
+Discovery is through the entry-point group ``fedrep.strategies``; each entry point names a
+:class:`StrategyPlugin` object. Built-in strategies register in this project's own
+``pyproject.toml`` exactly as a third-party package would in its own::
+
+    [project.entry-points."fedrep.strategies"]
+    my-algo = "my_package.plugin:PLUGIN"
+
+Only names are read at start-up (cheap); a plugin's module is imported when it is used, and an
+import failure names the package that shipped it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedrep.algorithms.base import ClientUpdateRule
+    from fedrep.config import RunConfig
+
+GROUP = "fedrep.strategies"
+
+
+class PluginError(RuntimeError):
+    """A plugin is missing, ambiguous or broken; the message names the package."""
+
+
+@dataclass(frozen=True)
+class StrategyPlugin:
+    """What a strategy plugin provides.
+
+    ``server`` builds the server half from the validated run config: a Flower ``Strategy``
+    (``flwr.serverapp.strategy.Strategy``) whose ``configure_*``/``aggregate_*`` hooks the
+    platform's round loop calls. ``client`` builds the client half, a
+    :class:`fedrep.algorithms.base.ClientUpdateRule` (plain PyTorch). ``config_keys`` lists the
+    run-config keys the plugin reads, for ``fedrep strategies``.
+    """
+
+    name: str
+    description: str
+    server: Callable[[RunConfig], Any]
+    client: Callable[[RunConfig], ClientUpdateRule]
+    config_keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else "<unknown package>"
+
+
+@cache
+def _entry_points() -> dict[str, EntryPoint]:
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            raise PluginError(
+                f"strategy name {ep.name!r} is claimed by two plugins: "
+                f"{found[ep.name].value} (package {_dist_name(found[ep.name])}) and "
+                f"{ep.value} (package {_dist_name(ep)}); uninstall one of them"
+            )
+        found[ep.name] = ep
+    return found
+
+
+def available_strategies() -> list[str]:
+    return sorted(_entry_points())
+
+
+def entry_point(name: str) -> EntryPoint:
+    eps = _entry_points()
+    if name not in eps:
+        raise PluginError(
+            f"unknown strategy {name!r}; installed: {', '.join(sorted(eps)) or 'none'}. "
+            f"Plugins register under the entry-point group {GROUP!r}."
+        )
+    return eps[name]
+
+
+@cache
+def get_strategy(name: str) -> StrategyPlugin:
+    ep = entry_point(name)
+    try:
+        plugin = ep.load()
+    except Exception as err:  # a plugin may fail in any way while importing
+        raise PluginError(
+            f"strategy plugin {name!r} from package {_dist_name(ep)} failed to import "
+            f"({ep.value}): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(plugin, StrategyPlugin):
+        raise PluginError(
+            f"entry point {name!r} of package {_dist_name(ep)} points at {ep.value}, which is a "
+            f"{type(plugin).__name__}, not a fedrep.registry.StrategyPlugin"
+        )
+    if plugin.name != name:
+        raise PluginError(
+            f"package {_dist_name(ep)} registers {plugin.name!r} under the entry-point name "
+            f"{name!r}; make them equal"
+        )
+    return plugin
+
+
+def describe() -> list[dict[str, str]]:
+    """One row per installed plugin: name, package, target, description (or the import error)."""
+    rows = []
+    for name, ep in sorted(_entry_points().items()):
+        row = {"name": name, "package": _dist_name(ep), "target": ep.value}
+        try:
+            plugin = get_strategy(name)
+            row["description"] = plugin.description
+            row["config-keys"] = ", ".join(plugin.config_keys)
+        except PluginError as err:
+            row["description"] = f"BROKEN: {err}"
+            row["config-keys"] = ""
+        rows.append(row)
+    return rows

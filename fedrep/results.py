@@ -1,0 +1,192 @@
+"""The run folder: everything a run leaves behind, and everything a resumed run needs.
+
+::
+
+    RUN_DIR/
+      config.json          resolved RunConfig (what actually ran)
+      state.json           {"last-completed-round": r, "status": "running" | "completed", ...}
+      metrics.jsonl        one JSON object per completed round
+      metrics.csv          the same, as a table (rewritten each round)
+      messages.jsonl       every reply the server received: round, kind, partition, array keys, bytes
+      checkpoints/round-NNNN.pt   the global shared parameters after round NNNN
+      client-state/        per-partition personal parameters, written by the clients themselves
+      plot.png             accuracy and loss over rounds
+
+Writes that a resume depends on (checkpoints, state) are atomic: temp file + ``os.replace``.
+A round counts as completed only once ``state.json`` says so, and a resume drops any metric
+lines past that round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedrep.config import ConfigError, RunConfig, parse_run_config
+
+CLIENT_STATE = "client-state"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def new_run_name(cfg: RunConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{cfg.strategy}-{cfg.dataset}-n{cfg.num_clients}-s{cfg.seed}"
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+
+    # -- creation and resumption ------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: RunConfig) -> tuple[RunDir, RunConfig]:
+        """A fresh run folder for ``cfg``; returns the config with ``run-dir`` filled in."""
+        path = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / new_run_name(cfg)
+        run = cls(path)
+        if run.state_file.exists():
+            raise ConfigError(
+                f"run folder {run.path} already holds a run; pass resume=true (fedrep run "
+                "--resume) to continue it, or choose another run-dir"
+            )
+        run.path.mkdir(parents=True, exist_ok=True)
+        cfg = cfg.model_copy(update={"run_dir": str(run.path), "resume": False})
+        _atomic_write(run.path / "config.json", json.dumps(cfg.to_flower(), indent=2).encode())
+        run.write_state(0, "running")
+        return run, cfg
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not run.state_file.is_file() or not (run.path / "config.json").is_file():
+            raise ConfigError(
+                f"{run.path} is not a fedrep run folder (no state.json/config.json); pass the "
+                "folder a previous `fedrep run` printed"
+            )
+        return run
+
+    def saved_config(self) -> RunConfig:
+        data = json.loads((self.path / "config.json").read_text())
+        return parse_run_config(data, f"{self.path / 'config.json'}")
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text())
+
+    def last_completed_round(self) -> int:
+        return int(self.state()["last-completed-round"])
+
+    def write_state(self, last_round: int, status: str, **extra: Any) -> None:
+        state = {"last-completed-round": last_round, "status": status,
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+        _atomic_write(self.state_file, json.dumps(state, indent=2).encode())
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round:04d}.pt"
+
+    def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+        buf = _torch_bytes(tensors)
+        _atomic_write(self.checkpoint_path(server_round), buf)
+
+    def load_checkpoint(self, server_round: int) -> dict[str, np.ndarray]:
+        path = self.checkpoint_path(server_round)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {path} is missing; cannot resume from round {server_round}")
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.numpy() for k, v in tensors.items()}
+
+    # -- metrics -------------------------------------------------------------------------------
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.is_file():
+            return []
+        rows = []
+        for line in self.metrics_file.read_text().splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a killed run
+        return rows
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metric rows (and message audit rows) of rounds that never completed."""
+        kept = [row for row in self.read_metrics() if row["round"] <= last_round]
+        _atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        audit = self.path / "messages.jsonl"
+        if audit.is_file():
+            rows = [json.loads(x) for x in audit.read_text().splitlines() if _is_json(x)]
+            kept_audit = [r for r in rows if r["round"] <= last_round]
+            _atomic_write(audit, "".join(json.dumps(r) + "\n" for r in kept_audit).encode())
+        self._write_csv(kept)
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        with self.metrics_file.open("a") as fh:
+            fh.write(json.dumps(dict(row)) + "\n")
+        self._write_csv(self.read_metrics())
+
+    def _write_csv(self, rows: list[dict[str, Any]]) -> None:
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        path = self.path / "metrics.csv"
+        with path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append_audit(self, rows: list[Mapping[str, Any]]) -> None:
+        with (self.path / "messages.jsonl").open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(dict(row)) + "\n")
+
+    def read_audit(self) -> list[dict[str, Any]]:
+        path = self.path / "messages.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if _is_json(x)]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def client_state_file(state_root: str | Path, partition_id: int) -> Path:
+    return Path(state_root) / f"partition-{partition_id:05d}.pt"

@@ -1,0 +1,21 @@
+"""The Flower ServerApp: validate the run config, then run the resumable round loop.
+
+Works unchanged under ``fedrep run`` (simulation engine in-process), ``flwr run .`` (local
+SuperLink) and a multi-node deployment.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrep.config import parse_run_config
+from server.loop import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = parse_run_config(context.run_config, "Flower run config")
+    run_federation(grid, cfg)

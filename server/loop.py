@@ -1,0 +1,171 @@
+"""The server's round loop: train, aggregate, evaluate, checkpoint, report; resumable.
+
+Flower's ``Strategy.start`` runs rounds too, but it has no checkpoint/resume, no run folder and
+no audit of received messages; this loop calls the same strategy hooks and adds those.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from fedrep.config import ConfigError, RunConfig
+from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
+from fedrep.models import build_model
+from fedrep.plotting import plot_run
+from fedrep.registry import get_strategy
+from fedrep.results import RunDir
+
+# Keys that may change when a run is resumed; everything else must match the saved config.
+RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-threads",
+                     "client-cpus", "client-gpus", "data-dir", "wait-for-clients"}
+
+
+class AuditingGrid:
+    """A Grid proxy that records every message the server receives (kind, sender, the array
+    names and bytes it carried), so 'the head never leaves the client' is checkable."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.server_round = 0
+        self.rows: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            row: dict[str, Any] = {
+                "round": self.server_round,
+                "kind": reply.metadata.message_type,
+                "node": reply.metadata.src_node_id,
+                "error": reply.error.reason if reply.has_error() else None,
+                "arrays": [],
+                "bytes": 0,
+            }
+            if not reply.has_error():
+                for name, record in reply.content.array_records.items():
+                    row["arrays"] += [f"{name}/{key}" for key in record]
+                    row["bytes"] += record.count_bytes()
+                metrics = reply.content.metric_records.get("metrics")
+                if metrics is not None and "partition-id" in metrics:
+                    row["partition"] = int(metrics["partition-id"])
+            self.rows.append(row)
+        return replies
+
+    def drain(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    record = ArrayRecord()
+    for key, value in arrays.items():
+        record[key] = Array.from_numpy_ndarray(np.ascontiguousarray(value))
+    return record
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
+    """(run folder, effective config, last completed round)."""
+    if not cfg.resume:
+        run, cfg = RunDir.create(cfg)
+        return run, cfg, 0
+    run = RunDir.open(cfg.run_dir)
+    saved = run.saved_config().to_flower()
+    given = cfg.to_flower()
+    changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != given[k])
+    if changed:
+        diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {run.path} with a different setup ({diffs}); only "
+                          f"{sorted(RESUMABLE_CHANGES)} may change")
+    last = run.last_completed_round()
+    run.truncate_metrics(last)
+    cfg = cfg.model_copy(update={"run_dir": str(run.path)})
+    return run, cfg, last
+
+
+def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: float,
+              first_round: int) -> None:
+    done = server_round - first_round + 1
+    per_round = (time.perf_counter() - started) / done
+    eta = per_round * (cfg.num_rounds - server_round)
+    parts = [f"round {server_round:>3}/{cfg.num_rounds}"]
+    if "accuracy-mean" in row:
+        parts.append(f"acc {row['accuracy-mean']:.4f} ± {row['accuracy-std']:.4f}")
+    if "train-loss" in row and not math.isnan(row["train-loss"]):
+        parts.append(f"train-loss {row['train-loss']:.4f}")
+    if "representation-distance" in row:
+        parts.append(f"dist(B,B*) {row['representation-distance']:.2e}")
+    parts.append(f"{row['round-seconds']:.1f}s/round, eta {eta:.0f}s")
+    print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
+    run, cfg, last = _open_run(cfg)
+    plugin = get_strategy(cfg.strategy)
+    model = build_model(cfg)
+    shared_keys = plugin.client(cfg).shared_keys(model)
+    strategy = plugin.server(cfg)
+    if last > 0:
+        arrays = run.load_checkpoint(last)
+        print(f"[fedrep] resuming {run.path} after round {last}", file=sys.stderr, flush=True)
+    else:
+        state = model.state_dict()
+        arrays = {k: state[k].numpy() for k in shared_keys}
+    b_star = (ground_truth_representation(cfg.linear_dim, cfg.linear_rank, cfg.seed)
+              if cfg.dataset == "linear-synthetic" else None)
+    audit = AuditingGrid(grid)
+    print(f"[fedrep] {cfg.strategy} on {cfg.dataset}: {cfg.num_clients} clients, "
+          f"{cfg.num_rounds} rounds -> {run.path}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    for server_round in range(last + 1, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        audit.server_round = server_round
+        record = to_record(arrays)
+        config = ConfigRecord({"run-dir": str(run.path)})
+        train_msgs = list(strategy.configure_train(server_round, record, config, audit))
+        if not train_msgs:
+            raise RuntimeError(f"round {server_round}: no client available to train")
+        replies = audit.send_and_receive(train_msgs, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
+        arrays = from_record(new_arrays)
+        row: dict[str, Any] = {"round": server_round}
+        row.update(dict(train_metrics or {}))
+        row["bytes-sent"] = record.count_bytes() * len(train_msgs)
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+            eval_record = to_record(arrays)
+            eval_msgs = list(strategy.configure_evaluate(
+                server_round, eval_record, ConfigRecord({"run-dir": str(run.path)}), audit))
+            eval_metrics = strategy.aggregate_evaluate(
+                server_round, audit.send_and_receive(eval_msgs, timeout=timeout))
+            row.update(dict(eval_metrics or {}))
+            row["bytes-sent"] += eval_record.count_bytes() * len(eval_msgs)
+        if b_star is not None and "body.weight" in arrays:
+            row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
+        audit_rows = audit.drain()
+        row["bytes-received"] = sum(r["bytes"] for r in audit_rows)
+        row["round-seconds"] = time.perf_counter() - t0
+        run.save_checkpoint(server_round, arrays)
+        run.append_audit(audit_rows)
+        run.append_metrics(row)
+        run.write_state(server_round, "running")
+        _progress(cfg, server_round, row, started, last + 1)
+    run.write_state(cfg.num_rounds, "completed")
+    plot = plot_run(run.path)
+    print(f"[fedrep] done: metrics {run.metrics_file}, plot {plot}", file=sys.stderr, flush=True)
+    return run

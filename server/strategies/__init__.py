@@ -1,0 +1,1 @@
+"""Server halves of the built-in strategy plugins (registered through entry points)."""
