@@ -57,8 +57,10 @@ class AuditingGrid:
                     row["arrays"] += [f"{name}/{key}" for key in record]
                     row["bytes"] += record.count_bytes()
                 metrics = reply.content.metric_records.get("metrics")
-                if metrics is not None and "partition-id" in metrics:
-                    row["partition"] = int(metrics["partition-id"])
+                if metrics is not None:
+                    row["metrics"] = dict(metrics)
+                    if "partition-id" in metrics:
+                        row["partition"] = int(metrics["partition-id"])
             self.rows.append(row)
         return replies
 

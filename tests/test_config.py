@@ -1,0 +1,86 @@
+"""Configuration fails at start, naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedrep.config import ConfigError, RunConfig, load_experiment_file, parse_override, parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_flower_app_config():
+    """[tool.flwr.app.config] must list every key with RunConfig's default, or `flwr run
+    --run-config` could not override it and the two sources of defaults would drift."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_flower()
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"head-epoch": 3})
+    msg = str(err.value)
+    assert "unknown key 'head-epoch'" in msg and "Did you mean 'head-epochs'" in msg
+    assert "body-epochs" in msg  # the list of valid keys
+
+
+def test_negative_epochs_rejected_with_key_name():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"head-epochs": -1})
+    msg = str(err.value)
+    assert "'head-epochs' = -1" in msg and "greater than or equal to 0" in msg
+
+
+def test_unknown_strategy_lists_installed():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"strategy": "fedmagic"})
+    msg = str(err.value)
+    assert "'strategy' = 'fedmagic'" in msg and "fedrep" in msg and "fedavg" in msg
+
+
+def test_classes_per_client_larger_than_classes():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"classes-per-client": 11})
+    assert "classes-per-client=11 exceeds the 10 classes" in str(err.value)
+
+
+def test_bad_literal_lists_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"partition": "shards"})
+    msg = str(err.value)
+    assert "'partition'" in msg and "'pathological'" in msg and "'dirichlet'" in msg
+
+
+def test_model_must_fit_dataset():
+    with pytest.raises(ConfigError, match="does not fit dataset"):
+        parse_run_config({"dataset": "linear-synthetic", "model": "cnn"})
+
+
+def test_resume_needs_run_dir():
+    with pytest.raises(ConfigError, match="resume=true needs run-dir"):
+        parse_run_config({"resume": True})
+
+
+def test_experiment_file_and_overrides(tmp_path: Path):
+    exp = tmp_path / "exp.toml"
+    exp.write_text('num-rounds = 7\nstrategy = "fedavg"\n')
+    values = load_experiment_file(exp)
+    values.update([parse_override("lr=0.05"), parse_override("partition=iid")])
+    cfg = parse_run_config(values)
+    assert (cfg.num_rounds, cfg.strategy, cfg.lr, cfg.partition) == (7, "fedavg", 0.05, "iid")
+
+
+def test_experiment_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_experiment_file(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("num-rounds = = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment_file(bad)
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[fedrep]\nnum-rounds = 3\n")
+    with pytest.raises(ConfigError, match="flat keys"):
+        load_experiment_file(nested)

@@ -1,0 +1,117 @@
+"""The algorithm math, without Flower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrep.algorithms.aggregate import summarize, weighted_average
+from fedrep.algorithms.fedavg import FedAvgUpdate
+from fedrep.algorithms.fedrep import FedRepUpdate
+from fedrep.algorithms.sampling import num_sampled, sample_clients
+from fedrep.algorithms.training import round_generator
+from fedrep.config import parse_run_config
+from fedrep.data.federated import ClientData
+from fedrep.models import PaperCNN, PaperMLP, build_model
+
+
+def _toy_data(n: int = 40) -> ClientData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return ClientData(x, y, x[:10], y[:10])
+
+
+def _deltas(before: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, float]:
+    return {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_head_phase_touches_only_head_and_body_phase_only_body(model_name: str):
+    base = {"model": model_name, "batch-size": 8, "weight-decay": 1e-4, "momentum": 0.5}
+    data = _toy_data()
+
+    head_only = parse_run_config({**base, "head-epochs": 2, "body-epochs": 0})
+    model = build_model(head_only)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FedRepUpdate(head_only).fit(model, data, round_generator(1, 1, 0))
+    d = _deltas(before, model)
+    assert all(d[k] == 0 for k in model.representation_keys()), "body moved in head epochs"
+    assert all(d[k] > 0 for k in model.head_keys()), "head did not move"
+
+    body_only = parse_run_config({**base, "head-epochs": 0, "body-epochs": 2})
+    model = build_model(body_only)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    FedRepUpdate(body_only).fit(model, data, round_generator(1, 1, 0))
+    d = _deltas(before, model)
+    assert all(d[k] == 0 for k in model.head_keys()), "head moved in body epochs"
+    assert all(d[k] > 0 for k in model.representation_keys()), "some body parameter did not move"
+
+
+def test_fedrep_head_then_body_equals_two_separate_phases():
+    """Alternation order: tau_h head epochs *then* tau_b body epochs, on the new head."""
+    cfg = parse_run_config({"model": "mlp", "head-epochs": 1, "body-epochs": 1, "momentum": 0.0,
+                            "weight-decay": 0.0, "batch-size": 40})
+    data = _toy_data()
+    joint = build_model(cfg)
+    FedRepUpdate(cfg).fit(joint, data, round_generator(1, 1, 0))
+    # By hand: one full-batch GD step on the head, then one on the body with the new head.
+    manual = build_model(cfg)
+    for part in (manual.head, manual.body):
+        loss = torch.nn.functional.cross_entropy(manual(data.x_train), data.y_train)
+        grads = torch.autograd.grad(loss, list(part.parameters()))
+        with torch.no_grad():
+            for p, g in zip(part.parameters(), grads, strict=True):
+                p -= cfg.lr * g
+    for k, v in joint.state_dict().items():
+        torch.testing.assert_close(v, manual.state_dict()[k], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_keys_fedrep_vs_fedavg():
+    cfg = parse_run_config({"model": "cnn"})
+    model = build_model(cfg)
+    rep = FedRepUpdate(cfg)
+    assert rep.shared_keys(model) == [k for k in model.state_dict() if k.startswith("body.")]
+    assert rep.personal_keys(model) == ["head.weight", "head.bias"]
+    assert FedAvgUpdate(cfg).personal_keys(model) == []
+
+
+def test_models_declare_paper_splits():
+    cnn = PaperCNN(image_size=28)
+    assert cnn(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert PaperCNN(in_channels=3, image_size=32)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert cnn.head_keys() == ["head.weight", "head.bias"] and cnn.head.in_features == 64
+    # official w_glob_keys for CIFAR: conv1, conv2, fc1, fc2 (8 tensors) are the representation
+    assert len(cnn.representation_keys()) == 8
+    mlp = PaperMLP()
+    assert len(mlp.representation_keys()) == 6 and mlp.head.in_features == 64
+    assert cnn.body_is_deterministic() and mlp.body_is_deterministic()
+
+
+def test_weighted_average_matches_hand_computation():
+    a = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([[0.0]], np.float32)}
+    b = {"w": np.array([3.0, 6.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    out = weighted_average([(a, 100), (b, 300)])
+    # (100*[1,2] + 300*[3,6]) / 400 = [2.5, 5.0];  (0*100 + 4*300)/400 = 3
+    np.testing.assert_allclose(out["w"], [2.5, 5.0])
+    np.testing.assert_allclose(out["b"], [[3.0]])
+    assert out["w"].dtype == np.float32
+    with pytest.raises(ValueError, match="disagree on keys"):
+        weighted_average([(a, 1), ({"w": a["w"]}, 1)])
+
+
+def test_summarize_is_unweighted_mean_of_local_accuracies():
+    stats = summarize([0.5, 1.0, 0.9], weights=[10, 10, 80])
+    assert stats["mean"] == pytest.approx(0.8)
+    assert stats["weighted-mean"] == pytest.approx((5 + 10 + 72) / 100)
+    assert stats["min"] == 0.5 and stats["max"] == 1.0
+
+
+def test_sampling_deterministic_fraction_and_population():
+    assert num_sampled(100, 0.1) == 10 and num_sampled(5, 0.1) == 1 and num_sampled(3, 1.0) == 3
+    a = sample_clients(1, 4, range(100), 0.1)
+    assert a == sample_clients(1, 4, reversed(range(100)), 0.1)  # order of discovery irrelevant
+    assert len(a) == 10 and len(set(a)) == 10
+    assert a != sample_clients(1, 5, range(100), 0.1)
+    assert a != sample_clients(2, 4, range(100), 0.1)

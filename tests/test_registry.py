@@ -1,0 +1,97 @@
+"""Strategy plugins are found through the real entry-point machinery.
+
+Extra plugin packages are made as real distributions (a ``*.dist-info`` folder with
+``entry_points.txt``) on ``sys.path``, which is exactly what ``pip install`` leaves behind."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedrep import registry
+
+
+def _install_fake_dist(root: Path, dist: str, entry_points: dict[str, str], module: str = "",
+                       code: str = "") -> None:
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"  # as pip names it
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    lines = ["[fedrep.strategies]"] + [f"{k} = {v}" for k, v in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    if module:
+        (root / f"{module}.py").write_text(code)
+
+
+@pytest.fixture
+def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn in (registry._entry_points, registry.get_strategy):
+        fn.cache_clear()
+    yield tmp_path
+    for fn in (registry._entry_points, registry.get_strategy):
+        fn.cache_clear()
+    for name in [m for m in sys.modules if m.startswith("fake_plugin")]:
+        del sys.modules[name]
+
+
+def test_builtins_register_through_entry_points():
+    assert {"fedrep", "fedavg"} <= set(registry.available_strategies())
+    plugin = registry.get_strategy("fedrep")
+    assert plugin.name == "fedrep" and callable(plugin.server) and callable(plugin.client)
+    ep = registry.entry_point("fedrep")
+    assert ep.group == "fedrep.strategies" and ep.dist.name == "fedrep"
+
+
+def test_third_party_plugin_is_discovered(plugin_path: Path):
+    code = (
+        "from fedrep.registry import StrategyPlugin\n"
+        "from fedrep.algorithms.fedavg import FedAvgUpdate\n"
+        "from server.strategies.base import SharedAveraging\n"
+        "PLUGIN = StrategyPlugin('myalgo', 'mine', SharedAveraging, FedAvgUpdate)\n"
+    )
+    _install_fake_dist(plugin_path, "fake-plugin-ok", {"myalgo": "fake_plugin_ok:PLUGIN"},
+                       "fake_plugin_ok", code)
+    assert "myalgo" in registry.available_strategies()
+    assert registry.get_strategy("myalgo").description == "mine"
+    rows = {r["name"]: r for r in registry.describe()}
+    assert rows["myalgo"]["package"] == "fake-plugin-ok"
+
+
+def test_two_packages_claiming_one_name(plugin_path: Path):
+    _install_fake_dist(plugin_path, "fake-plugin-a", {"clash": "fake_plugin_a:PLUGIN"})
+    _install_fake_dist(plugin_path, "fake-plugin-b", {"clash": "fake_plugin_b:PLUGIN"})
+    with pytest.raises(registry.PluginError) as err:
+        registry.available_strategies()
+    msg = str(err.value)
+    assert "'clash' is claimed by two plugins" in msg
+    assert "fake-plugin-a" in msg and "fake-plugin-b" in msg
+
+
+def test_plugin_import_failure_names_the_package(plugin_path: Path):
+    _install_fake_dist(plugin_path, "fake-plugin-broken", {"broken": "fake_plugin_broken:PLUGIN"},
+                       "fake_plugin_broken", "import not_a_real_module_xyz\n")
+    with pytest.raises(registry.PluginError) as err:
+        registry.get_strategy("broken")
+    assert "package fake-plugin-broken failed to import" in str(err.value)
+    assert "not_a_real_module_xyz" in str(err.value)
+    row = {r["name"]: r for r in registry.describe()}["broken"]
+    assert row["description"].startswith("BROKEN")
+
+
+def test_entry_point_must_be_a_plugin_with_its_name(plugin_path: Path):
+    _install_fake_dist(plugin_path, "fake-plugin-wrong", {"wrong": "fake_plugin_wrong:PLUGIN",
+                                                          "named": "fake_plugin_wrong:OTHER"},
+                       "fake_plugin_wrong",
+                       "from fedrep.registry import StrategyPlugin\nPLUGIN = 42\n"
+                       "OTHER = StrategyPlugin('other', '', object, object)\n")
+    with pytest.raises(registry.PluginError, match="not a fedrep.registry.StrategyPlugin"):
+        registry.get_strategy("wrong")
+    with pytest.raises(registry.PluginError, match="make them equal"):
+        registry.get_strategy("named")
+
+
+def test_unknown_strategy_message():
+    with pytest.raises(registry.PluginError, match="unknown strategy 'nope'; installed: .*fedrep"):
+        registry.get_strategy("nope")
