@@ -111,7 +111,9 @@ class SharedAveraging(Strategy):
                 log(WARNING, "node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
             else:
                 ok.append(reply)
-        return ok
+        # Arrival order is arbitrary; floating-point sums are not associative. Sorting by
+        # partition makes aggregation bitwise reproducible (and resumed runs exact).
+        return sorted(ok, key=lambda r: int(r.content[METRICS].get(PARTITION_ID, 0)))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

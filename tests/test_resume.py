@@ -1,0 +1,79 @@
+"""A run killed after round 2 of 4 and resumed ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_FMNIST, fedrep_cli
+from fedrep.results import RunDir
+
+pytestmark = pytest.mark.e2e
+
+
+def _kill_after_round(args: list[str], run_dir: Path, after: int, timeout: float = 240) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "fedrep.cli", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    state = run_dir / "state.json"
+    try:
+        while time.monotonic() < deadline:
+            if state.is_file():
+                try:
+                    if json.loads(state.read_text())["last-completed-round"] >= after:
+                        break
+                except (json.JSONDecodeError, KeyError):
+                    pass
+            if proc.poll() is not None:
+                pytest.fail(f"run exited ({proc.returncode}) before round {after}")
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"round {after} not reached in {timeout}s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: server, Ray, client workers
+        proc.wait()
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, fmnist_dir: Path):
+    common = [*SMALL_FMNIST, "--rounds", "4", "--set", f"data-dir={fmnist_dir}"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    fedrep_cli("run", *common, "--set", f"run-dir={straight}")
+
+    _kill_after_round(["run", *common, "--set", f"run-dir={broken}"], broken, after=2)
+    killed_at = RunDir(broken).last_completed_round()
+    assert 2 <= killed_at < 4 and RunDir(broken).state()["status"] == "running"
+
+    proc = fedrep_cli("run", "--resume", str(broken))
+    assert f"resuming {broken}" in proc.stderr
+
+    a, b = RunDir(straight), RunDir(broken)
+    assert b.state()["status"] == "completed"
+    for key, value in a.load_checkpoint(4).items():
+        np.testing.assert_array_equal(b.load_checkpoint(4)[key], value, err_msg=key)
+    rows_a, rows_b = a.read_metrics(), b.read_metrics()
+    assert [r["round"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra["accuracy-mean"] == rb["accuracy-mean"], (ra, rb)
+        assert ra["train-loss"] == rb["train-loss"]
+
+
+def test_resume_refuses_a_changed_setup(tmp_path: Path, fmnist_dir: Path):
+    run = tmp_path / "r"
+    fedrep_cli("run", *SMALL_FMNIST, "--rounds", "1", "--set", f"run-dir={run}",
+               "--set", f"data-dir={fmnist_dir}")
+    proc = fedrep_cli("run", "--resume", str(run), "--set", "lr=0.5", "--rounds", "2",
+                      check=False)
+    assert proc.returncode != 0
+    assert "cannot resume" in proc.stderr and "lr" in proc.stderr
+    # extending the number of rounds is allowed
+    fedrep_cli("run", "--resume", str(run), "--rounds", "2")
+    assert [r["round"] for r in RunDir(run).read_metrics()] == [1, 2]
