@@ -38,6 +38,10 @@ FLAG_KEYS = {
 }
 
 
+class RunFailed(RuntimeError):
+    """The federation ran but did not complete."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,14 +121,16 @@ def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
     overrides: list[str] = []
     for key, value in cfg.to_flower().items():
         overrides += ["--run-config", f"{key}={_toml_value(value)}"]
-    federation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus}"
+    cpus = int(cfg.client_cpus) if float(cfg.client_cpus).is_integer() else cfg.client_cpus
+    federation = (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus} "
+                  f"client-resources-num-gpus={cfg.client_gpus}")
     cmd = [flwr, "run", app, "--stream", "--federation-config", federation, *overrides]
     if verbose:
         print("+", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=False)
     run = RunDir(cfg.run_dir)
     if not run.state_file.is_file() or run.state().get("status") != "completed":
-        raise RuntimeError(f"the Flower run did not complete; see the log above and {run.path}")
+        raise RunFailed(f"the Flower run did not complete; see the log above and {run.path}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -179,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, PluginError) as err:
         print(f"fedrep: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(f"fedrep: run failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedrep: interrupted; continue with `fedrep run --resume RUN_DIR`", file=sys.stderr)
         return 130

@@ -1,0 +1,53 @@
+"""The `fedrep` command: bad input exits 2 with one clear line, before anything starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import fedrep_cli
+
+
+def _fails(*args: str, **kw) -> str:
+    proc = fedrep_cli(*args, check=False, timeout=60, **kw)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def test_strategies_lists_builtins_with_package():
+    out = fedrep_cli("strategies").stdout
+    assert "fedrep  [fedrep: server.strategies.fedrep:PLUGIN]" in out
+    assert "fedavg" in out and "config keys: head-epochs" in out
+
+
+def test_unknown_strategy():
+    err = _fails("run", "--strategy", "fedmagic")
+    assert "unknown strategy 'fedmagic'" in err and "fedrep" in err
+
+
+def test_negative_epochs():
+    assert "'head-epochs' = -1" in _fails("run", "--set", "head-epochs=-1")
+
+
+def test_unknown_key_via_set():
+    assert "Did you mean 'num-rounds'" in _fails("run", "--set", "num-round=3")
+
+
+def test_s_larger_than_classes():
+    assert "classes-per-client=12 exceeds" in _fails("run", "--classes-per-client", "12")
+
+
+def test_missing_data_files_name_path(tmp_path: Path):
+    err = _fails("run", "--set", f"data-dir={tmp_path}")
+    assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_resume_of_a_non_run_folder(tmp_path: Path):
+    assert "is not a fedrep run folder" in _fails("run", "--resume", str(tmp_path))
+
+
+def test_config_file_errors_name_the_file(tmp_path: Path):
+    exp = tmp_path / "exp.toml"
+    exp.write_text("head-epochs = -2\n")
+    assert "'head-epochs' = -2" in _fails("run", "--config", str(exp))
+    assert "does not exist" in _fails("run", "--config", str(tmp_path / "none.toml"))
