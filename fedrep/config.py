@@ -116,6 +116,12 @@ class RunConfig(BaseModel):
     )
     batch_size: int = Field(10, ge=1, description="Local batch size B (official local_bs=10).")
 
+    cache_head_features: bool = Field(
+        True,
+        description="Compute body features once per local update for head-only epochs when the "
+        "body is deterministic (same result, far fewer FLOPs).",
+    )
+
     # --- reproducibility, resources and output --------------------------------------------------
     seed: int = Field(1, description="Seeds data split, model init, sampling and shuffles (official 1).")
     client_threads: int = Field(

@@ -25,7 +25,8 @@ from fedrep.results import RunDir
 
 # Keys that may change when a run is resumed; everything else must match the saved config.
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-threads",
-                     "client-cpus", "client-gpus", "data-dir", "wait-for-clients"}
+                     "client-cpus", "client-gpus", "data-dir", "wait-for-clients",
+                     "cache-head-features"}
 
 
 class AuditingGrid:

@@ -115,3 +115,38 @@ def test_sampling_deterministic_fraction_and_population():
     assert len(a) == 10 and len(set(a)) == 10
     assert a != sample_clients(1, 5, range(100), 0.1)
     assert a != sample_clients(2, 4, range(100), 0.1)
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_head_feature_cache_equals_plain_loop(model_name: str):
+    """Head epochs on cached body features give the plain loop's parameters."""
+    data = _toy_data(60)
+    states = []
+    for cache in (True, False):
+        cfg = parse_run_config({"model": model_name, "head-epochs": 3, "body-epochs": 1,
+                                "batch-size": 7, "cache-head-features": cache})
+        model = build_model(cfg)
+        FedRepUpdate(cfg).fit(model, data, round_generator(2, 3, 4))
+        states.append(model.state_dict())
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-6, atol=1e-7)
+
+
+def test_head_feature_cache_not_used_when_body_is_stochastic():
+    from fedrep.algorithms import training
+    from fedrep.models.base import SplitModel
+
+    model = SplitModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                           torch.nn.Linear(784, 8)), torch.nn.Linear(8, 10))
+    assert not model.body_is_deterministic()
+    calls = []
+    original = training.body_features
+    training.body_features = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        cfg = parse_run_config({"model": "mlp", "head-epochs": 2, "body-epochs": 0})
+        FedRepUpdate(cfg).fit(model, _toy_data(20), round_generator(1, 1, 0))
+        assert calls == []
+        FedRepUpdate(cfg).fit(build_model(cfg), _toy_data(20), round_generator(1, 1, 0))
+        assert calls == [1]
+    finally:
+        training.body_features = original

@@ -1,0 +1,122 @@
+"""How much does Flower's simulation cost over the bare arithmetic of one FedRep round?
+
+Measures, side by side in one invocation:
+
+* reference: the same round (local updates of the sampled clients, then evaluation of all
+  clients) as one plain PyTorch loop in this process, data preloaded, 1 thread;
+* ideal: reference / number of parallel client workers (what a perfect parallel engine gets);
+* flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
+  from round 2 so that Ray actors are up and client data is cached, as in any long run;
+* head-cache: the local update with and without head epochs on cached body features.
+
+Prints the ratios and writes them to ``bench/out/round_overhead.json``.
+
+    python bench/round_overhead.py                      # 100 clients x 600 images, CNN
+    python bench/round_overhead.py --model mlp --fraction 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fedrep.algorithms.sampling import sample_clients
+from fedrep.algorithms.training import round_generator
+from fedrep.config import parse_run_config
+from fedrep.data.federated import load_client_data
+from fedrep.models import build_model
+from fedrep.registry import get_strategy
+from fedrep.results import RunDir
+
+
+def reference_round(cfg, server_round: int) -> float:
+    """Seconds for one round of the same arithmetic in one process (data preloaded)."""
+    rule = get_strategy(cfg.strategy).client(cfg)
+    model = build_model(cfg)
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    datas = [load_client_data(cfg, c) for c in range(cfg.num_clients)]
+    torch.set_num_threads(cfg.client_threads)
+    t0 = time.perf_counter()
+    for client in sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train):
+        model.load_state_dict(start_state)
+        rule.fit(model, datas[client], round_generator(cfg.seed, server_round, client))
+    for client in range(cfg.num_clients):
+        model.load_state_dict(start_state)
+        rule.evaluate(model, datas[client])
+    return time.perf_counter() - t0
+
+
+def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
+    """(seconds without, seconds with) head-feature caching for ``clients`` local updates."""
+    times = []
+    for cache in (False, True):
+        c = cfg.model_copy(update={"cache_head_features": cache})
+        rule = get_strategy(c.strategy).client(c)
+        model = build_model(c)
+        t0 = time.perf_counter()
+        for client in range(clients):
+            rule.fit(model, load_client_data(c, client), round_generator(c.seed, 1, client))
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
+
+
+def flower_round(args, workdir: Path) -> float:
+    run_dir = workdir / "flower-run"
+    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--num-clients", str(args.clients),
+           "--rounds", "2", "--model", args.model, "--set", f"fraction-train={args.fraction}",
+           "--set", f"run-dir={run_dir}", "--set", f"max-train-per-client={args.max_train}"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    return float(RunDir(run_dir).read_metrics()[1]["round-seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--fraction", type=float, default=1.0, help="fraction-train")
+    parser.add_argument("--model", default="cnn", choices=("cnn", "mlp"))
+    parser.add_argument("--max-train", type=int, default=0, help="cap per client (0 = 600)")
+    parser.add_argument("--cache-clients", type=int, default=5,
+                        help="clients timed for the head-cache speed-up")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = parser.parse_args()
+
+    cfg = parse_run_config({"num-clients": args.clients, "model": args.model,
+                            "fraction-train": args.fraction,
+                            "max-train-per-client": args.max_train})
+    workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
+        flower_s = flower_round(args, Path(tmp))
+    reference_s = reference_round(cfg, server_round=2)
+    ideal_s = reference_s / workers
+    plain_s, cached_s = head_cache_speedup(cfg, args.cache_clients)
+    result = {
+        "clients": args.clients, "fraction-train": args.fraction, "model": args.model,
+        "workers": workers, "reference-s": reference_s, "ideal-s": ideal_s, "flower-s": flower_s,
+        "flower-over-ideal": flower_s / ideal_s, "flower-over-reference": flower_s / reference_s,
+        "head-cache-plain-s": plain_s, "head-cache-cached-s": cached_s,
+        "head-cache-speedup": plain_s / cached_s,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "round_overhead.json").write_text(json.dumps(result, indent=2))
+    print(f"one FedRep round, {args.clients} clients (fraction {args.fraction}), {args.model}, "
+          f"{workers} workers")
+    print(f"  reference (1 process): {reference_s:8.2f} s")
+    print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s")
+    print(f"  Flower simulation:     {flower_s:8.2f} s")
+    print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x")
+    print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
+    print(f"  head-feature cache speed-up of the local update = {plain_s / cached_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
