@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.state import load_personal, save_personal
 from fedrep.algorithms.base import ClientUpdateRule
 from fedrep.algorithms.training import round_generator
 from fedrep.config import RunConfig, parse_run_config
@@ -20,7 +21,6 @@ from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
 from fedrep.models.base import SplitModel
 from fedrep.registry import get_strategy
-from clients.state import load_personal, save_personal
 
 app = ClientApp()
 

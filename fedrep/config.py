@@ -16,11 +16,11 @@ A bad key or value fails *at start*, with the key's name, what was given and wha
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1}
@@ -89,7 +89,8 @@ class RunConfig(BaseModel):
     linear_noise: float = Field(1e-3, ge=0, description="Std of additive label noise.")
 
     # --- rounds and participation ----------------------------------------------------------------
-    num_rounds: int = Field(5, ge=1, description="Communication rounds T (paper CIFAR: 100).")
+    num_rounds: int = Field(
+        10, ge=1, description="Communication rounds T (paper CIFAR: 100; 10 keeps the default job short).")
     fraction_train: float = Field(
         0.1, gt=0, le=1, description="Fraction of clients sampled per round (official frac=0.1)."
     )

@@ -55,7 +55,8 @@ def run_reference(
             model.load_state_dict({**run.shared, **personal})
             result = rule.fit(model, data, round_generator(cfg.seed, server_round, client))
             run.personal[client] = _state(model, personal_keys)
-            updates.append(({k: v.numpy() for k, v in _state(model, shared_keys).items()}, result.num_examples))
+            shared_now = {k: v.numpy() for k, v in _state(model, shared_keys).items()}
+            updates.append((shared_now, result.num_examples))
             losses.append(result.loss)
         averaged = weighted_average(updates)
         run.shared = {k: torch.from_numpy(v) for k, v in averaged.items()}

@@ -10,9 +10,10 @@ exception in round 7 reaches the caller as an exception.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedrep.config import RunConfig
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from fedrep.config import ConfigError, RunConfig, load_experiment_file, parse_override, parse_run_config
+from fedrep.config import (
+    ConfigError,
+    RunConfig,
+    load_experiment_file,
+    parse_override,
+    parse_run_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -98,7 +98,9 @@ def _read_bytes(path: Path) -> bytes:
                 return fh.read()
         return path.read_bytes()
     except (OSError, EOFError) as err:
-        raise DataError(f"cannot read {path}: {err}. The file is corrupt or truncated. {HOW_TO_GET}")
+        raise DataError(
+            f"cannot read {path}: {err}. The file is corrupt or truncated. {HOW_TO_GET}"
+        ) from None
 
 
 def decode_idx(raw: bytes, source: Path | str = "<bytes>") -> np.ndarray:
