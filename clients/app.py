@@ -23,6 +23,9 @@ from fedrep.models.base import SplitModel
 from fedrep.registry import get_strategy
 
 app = ClientApp()
+# Reported in every reply so the server can tell trained clients from untouched ones.
+RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2}
+FINETUNE_STREAM = 1  # round_generator purpose: fine-tuning draws its own shuffles
 
 
 def _frozen(run_config: dict) -> tuple:
@@ -72,8 +75,14 @@ def _prepare(msg: Message, context: Context, after_training: bool
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": _partition(context)})}),
-                   reply_to=msg)
+    """Who am I: partition id and count, and sample counts. Loading the data here means a
+    missing or corrupt data file stops the run at start, with this node's message."""
+    cfg, _, _, _ = _setup(_frozen(dict(context.run_config)))
+    pid = _partition(context)
+    data = load_client_data(cfg, pid)
+    info = {"partition-id": pid, "num-train": data.num_train, "num-test": data.num_test,
+            "num-partitions": int(context.node_config.get("num-partitions", cfg.num_clients))}
+    return Message(RecordDict({"metrics": MetricRecord(info)}), reply_to=msg)
 
 
 @app.train()
@@ -89,17 +98,26 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": result.loss,
         "partition-id": pid,
         "local-steps": result.steps,
-        "personal-restored": {"fresh": 0, "node-state": 1, "file": 2}[source],
+        "personal-restored": RESTORED_CODE[source],
     })
     return Message(RecordDict({"arrays": shared, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, rule, model, pid, _, _, source = _prepare(msg, context, after_training=True)
-    result = rule.evaluate(model, load_client_data(cfg, pid))
-    metrics = {"num-examples": result.num_examples, "loss": result.loss, "partition-id": pid,
-               "personal-restored": {"fresh": 0, "node-state": 1, "file": 2}[source]}
-    if result.accuracy is not None:
-        metrics["accuracy"] = result.accuracy
+    cfg, rule, model, pid, server_round, _, source = _prepare(msg, context, after_training=True)
+    data = load_client_data(cfg, pid)
+    metrics: dict[str, int | float] = {"num-examples": data.num_test, "partition-id": pid,
+                                       "personal-restored": RESTORED_CODE[source]}
+    if data.num_test == 0:
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    results = {"": rule.evaluate(model, data)}
+    finetune = int(msg.content["config"].get("finetune-epochs", 0))
+    if finetune > 0:
+        gen = round_generator(cfg.seed, server_round, pid, FINETUNE_STREAM)
+        results["-finetuned"] = rule.finetune_and_evaluate(model, data, finetune, gen)
+    for suffix, result in results.items():
+        metrics[f"loss{suffix}"] = result.loss
+        if result.accuracy is not None:
+            metrics[f"accuracy{suffix}"] = result.accuracy
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

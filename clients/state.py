@@ -15,14 +15,13 @@ through round r (after some clients already wrote round r) still resumes bit-for
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
+import hashlib
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
+from fedrep.files import atomic_write, torch_bytes
 from fedrep.results import CLIENT_STATE, client_state_file
 
 HEAD_RECORD, META_RECORD = "personal", "personal-meta"
@@ -33,8 +32,9 @@ Params = dict[str, torch.Tensor]
 
 def state_root(context: Context, run_dir: str) -> Path:
     node_dir = context.node_config.get("state-dir")
-    if node_dir:
-        return Path(str(node_dir)) / Path(run_dir).name
+    if node_dir:  # one folder per run, named so that equal folder names elsewhere cannot collide
+        tag = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+        return Path(str(node_dir)) / f"{Path(run_dir).name}-{tag}"
     return Path(run_dir) / CLIENT_STATE
 
 
@@ -68,9 +68,4 @@ def save_personal(context: Context, run_dir: str, partition: int, server_round: 
     versions[server_round] = params
     for old in sorted(versions)[:-KEEP_VERSIONS]:
         del versions[old]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(versions, buf)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        tmp.write(buf.getvalue())
-    os.replace(tmp.name, path)
+    atomic_write(path, torch_bytes(versions))

@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
 
     sub.add_parser("strategies", help="list installed strategy plugins")
+    sub.add_parser("config", help="list every run-config key with its default and meaning")
     return parser
 
 
@@ -174,9 +175,21 @@ def cmd_strategies(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(_: argparse.Namespace) -> int:
+    from fedrep.config import RunConfig
+
+    defaults = RunConfig().to_flower()
+    width = max(len(k) for k in defaults)
+    for name, field in RunConfig.model_fields.items():
+        key = name.replace("_", "-")
+        print(f"{key:<{width}}  = {defaults[key]!r:<16} {field.description or ''}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies}
+    handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies,
+                "config": cmd_config}
     from fedrep.data.fashion_mnist import DataError
     from fedrep.registry import PluginError
 
@@ -185,9 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, PluginError) as err:
         print(f"fedrep: error: {err}", file=sys.stderr)
         return 2
-    except RunFailed as err:
+    except (RunFailed, RuntimeError) as err:  # the run started but did not complete
         print(f"fedrep: run failed: {err}", file=sys.stderr)
+        if err.__cause__ is not None:
+            print(f"  caused by: {type(err.__cause__).__name__}: {err.__cause__}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `fedrep config | head`
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         print("fedrep: interrupted; continue with `fedrep run --resume RUN_DIR`", file=sys.stderr)
         return 130

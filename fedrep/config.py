@@ -124,7 +124,9 @@ class RunConfig(BaseModel):
     )
 
     # --- reproducibility, resources and output --------------------------------------------------
-    seed: int = Field(1, description="Seeds data split, model init, sampling and shuffles (official 1).")
+    seed: int = Field(
+        1, ge=0, description="Seeds data split, model init, sampling and shuffles (official 1)."
+    )
     client_threads: int = Field(
         1, ge=1, description="torch intra-op threads per client process (1 keeps runs bitwise repeatable)."
     )
@@ -136,6 +138,13 @@ class RunConfig(BaseModel):
     )
     wait_for_clients: float = Field(
         120.0, ge=0, description="Seconds the server waits for all num-clients nodes to connect."
+    )
+    final_finetune_epochs: int = Field(
+        10,
+        ge=0,
+        description="At the last evaluation every client also reports accuracy after this many "
+        "head-only epochs on the final body (official code's last round: max(10, tau_h) epochs); "
+        "the tuned head is not kept.",
     )
     out_dir: str = Field("runs", description="Parent folder for new run folders.")
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedrep.config import ConfigError
 from fedrep.results import RunDir
 
 
@@ -16,7 +17,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = RunDir(run_dir)
     rows = run.read_metrics()
     if not rows:
-        raise ValueError(f"{run.path} has no completed rounds to plot yet")
+        raise ConfigError(f"{run.path} has no completed rounds to plot yet; wait for round 1")
     cfg = run.saved_config()
     evald = [r for r in rows if "accuracy-mean" in r]
     has_dist = any("representation-distance" in r for r in rows)
@@ -53,6 +54,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("round")
         ax.set_ylabel("principal-angle distance to B*")
         ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{cfg.strategy} · {cfg.dataset} · {cfg.partition} · n={cfg.num_clients}")
     fig.tight_layout()
     target = Path(out) if out else run.path / "plot.png"

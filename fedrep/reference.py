@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fedrep.algorithms.aggregate import summarize, weighted_average
@@ -48,7 +47,7 @@ def run_reference(
     run = ReferenceRun(shared=_state(model, shared_keys), personal={})
     torch.set_num_threads(cfg.client_threads)
     for server_round in range(1, (rounds or cfg.num_rounds) + 1):
-        updates, losses = [], []
+        updates, losses, weights = [], [], []
         for client in sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train):
             data = load_client_data(cfg, client)
             personal = run.personal.get(client, initial_personal)
@@ -58,9 +57,11 @@ def run_reference(
             shared_now = {k: v.numpy() for k, v in _state(model, shared_keys).items()}
             updates.append((shared_now, result.num_examples))
             losses.append(result.loss)
+            weights.append(result.num_examples)
         averaged = weighted_average(updates)
         run.shared = {k: torch.from_numpy(v) for k, v in averaged.items()}
-        metrics: dict[str, float] = {"round": server_round, "train-loss": float(np.mean(losses))}
+        metrics: dict[str, float] = {
+            "round": server_round, "train-loss": summarize(losses, weights)["weighted-mean"]}
         if on_round is not None:
             model.load_state_dict({**run.shared, **initial_personal})
             metrics.update(on_round(server_round, model, run))

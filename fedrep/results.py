@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,22 +31,15 @@ import numpy as np
 import torch
 
 from fedrep.config import ConfigError, RunConfig, parse_run_config
+from fedrep.files import atomic_write, torch_bytes
 
 CLIENT_STATE = "client-state"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
 def new_run_name(cfg: RunConfig) -> str:
+    """Time-stamped and unique: two runs started in the same second get different folders."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{cfg.strategy}-{cfg.dataset}-n{cfg.num_clients}-s{cfg.seed}"
+    return f"{stamp}-{os.urandom(2).hex()}-{cfg.strategy}-{cfg.dataset}-n{cfg.num_clients}-s{cfg.seed}"
 
 
 class RunDir:
@@ -67,7 +59,7 @@ class RunDir:
             )
         run.path.mkdir(parents=True, exist_ok=True)
         cfg = cfg.model_copy(update={"run_dir": str(run.path), "resume": False})
-        _atomic_write(run.path / "config.json", json.dumps(cfg.to_flower(), indent=2).encode())
+        atomic_write(run.path / "config.json", json.dumps(cfg.to_flower(), indent=2).encode())
         run.write_state(0, "running")
         return run, cfg
 
@@ -99,7 +91,7 @@ class RunDir:
     def write_state(self, last_round: int, status: str, **extra: Any) -> None:
         state = {"last-completed-round": last_round, "status": status,
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
-        _atomic_write(self.state_file, json.dumps(state, indent=2).encode())
+        atomic_write(self.state_file, json.dumps(state, indent=2).encode())
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint_path(self, server_round: int) -> Path:
@@ -107,8 +99,8 @@ class RunDir:
 
     def save_checkpoint(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
         tensors = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-        buf = _torch_bytes(tensors)
-        _atomic_write(self.checkpoint_path(server_round), buf)
+        buf = torch_bytes(tensors)
+        atomic_write(self.checkpoint_path(server_round), buf)
 
     def load_checkpoint(self, server_round: int) -> dict[str, np.ndarray]:
         path = self.checkpoint_path(server_round)
@@ -137,12 +129,10 @@ class RunDir:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop metric rows (and message audit rows) of rounds that never completed."""
         kept = [row for row in self.read_metrics() if row["round"] <= last_round]
-        _atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        audit = self.path / "messages.jsonl"
-        if audit.is_file():
-            rows = [json.loads(x) for x in audit.read_text().splitlines() if _is_json(x)]
-            kept_audit = [r for r in rows if r["round"] <= last_round]
-            _atomic_write(audit, "".join(json.dumps(r) + "\n" for r in kept_audit).encode())
+        atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        kept_audit = [r for r in self.read_audit() if r["round"] <= last_round]
+        atomic_write(self.path / "messages.jsonl",
+                     "".join(json.dumps(r) + "\n" for r in kept_audit).encode())
         self._write_csv(kept)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
@@ -178,14 +168,6 @@ def _is_json(line: str) -> bool:
         return True
     except json.JSONDecodeError:
         return False
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def client_state_file(state_root: str | Path, partition_id: int) -> Path:

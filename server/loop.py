@@ -24,9 +24,9 @@ from fedrep.registry import get_strategy
 from fedrep.results import RunDir
 
 # Keys that may change when a run is resumed; everything else must match the saved config.
-RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-threads",
-                     "client-cpus", "client-gpus", "data-dir", "wait-for-clients",
-                     "cache-head-features"}
+# (client-threads and cache-head-features are not among them: they change float rounding.)
+RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
+                     "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs"}
 
 
 class AuditingGrid:
@@ -108,6 +108,10 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     parts = [f"round {server_round:>3}/{cfg.num_rounds}"]
     if "accuracy-mean" in row:
         parts.append(f"acc {row['accuracy-mean']:.4f} ± {row['accuracy-std']:.4f}")
+    if "accuracy-trained-mean" in row:
+        parts.append(f"trained {row['accuracy-trained-mean']:.4f}")
+    if "accuracy-finetuned-mean" in row:
+        parts.append(f"fine-tuned {row['accuracy-finetuned-mean']:.4f}")
     if "train-loss" in row and not math.isnan(row["train-loss"]):
         parts.append(f"train-loss {row['train-loss']:.4f}")
     if "representation-distance" in row:
@@ -152,8 +156,10 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         row["bytes-sent"] = record.count_bytes() * len(train_msgs)
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             eval_record = to_record(arrays)
-            eval_msgs = list(strategy.configure_evaluate(
-                server_round, eval_record, ConfigRecord({"run-dir": str(run.path)}), audit))
+            eval_config = ConfigRecord({"run-dir": str(run.path)})
+            if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
+                eval_config["finetune-epochs"] = cfg.final_finetune_epochs
+            eval_msgs = list(strategy.configure_evaluate(server_round, eval_record, eval_config, audit))
             eval_metrics = strategy.aggregate_evaluate(
                 server_round, audit.send_and_receive(eval_msgs, timeout=timeout))
             row.update(dict(eval_metrics or {}))

@@ -51,3 +51,11 @@ def test_config_file_errors_name_the_file(tmp_path: Path):
     exp.write_text("head-epochs = -2\n")
     assert "'head-epochs' = -2" in _fails("run", "--config", str(exp))
     assert "does not exist" in _fails("run", "--config", str(tmp_path / "none.toml"))
+
+
+def test_config_lists_every_key_with_default():
+    from fedrep.config import allowed_keys
+
+    out = fedrep_cli("config").stdout
+    assert all(f"{key} " in out for key in allowed_keys())
+    assert "head-epochs" in out and "official local_ep 11 - 1" in out

@@ -109,8 +109,8 @@ def test_pathological_exact_classes_disjoint_same_class_test(n: int, s: int):
     all_test = np.concatenate([p.test for p in parts])
     assert len(np.unique(all_train)) == len(all_train), "train samples shared between clients"
     assert len(np.unique(all_test)) == len(all_test), "test samples shared between clients"
-    sizes = {len(p.train) for p in parts}
-    assert max(sizes) - min(sizes) <= s, "shards are not (near) equal-sized"
+    assert len({len(p.train) for p in parts}) == 1, "shards are not equal-sized"
+    assert len({len(p.test) for p in parts}) == 1
     for p in parts:
         train_classes = set(train[p.train].tolist())
         assert len(train_classes) == s

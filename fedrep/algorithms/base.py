@@ -45,3 +45,15 @@ class ClientUpdateRule(ABC):
 
     def evaluate(self, model: SplitModel, data: ClientData) -> EvalResult:
         return evaluate(model, data.x_test, data.y_test)
+
+    def finetune_phases(self, model: SplitModel, epochs: int) -> list[Phase]:
+        """What 'fine-tune before the final evaluation' trains: the head, body frozen (the
+        official code's last round, and FedAvg+FT)."""
+        return [Phase(param_names(model.head, "head"), epochs)]
+
+    def finetune_and_evaluate(self, model: SplitModel, data: ClientData, epochs: int,
+                              generator: torch.Generator) -> EvalResult:
+        """Fine-tune in place (the caller discards the result) and evaluate."""
+        run_phases(model, data.x_train, data.y_train, self.finetune_phases(model, epochs),
+                   self.cfg, generator)
+        return self.evaluate(model, data)

@@ -14,7 +14,8 @@ import numpy as np
 
 
 def num_sampled(population: int, fraction: float) -> int:
-    """max(1, round(fraction * population)) (official code: max(int(frac * n), 1))."""
+    """max(1, int(fraction * population)): truncation, as the official code's
+    ``max(int(frac * n), 1)``."""
     return max(1, min(population, int(fraction * population + 1e-9)))
 
 

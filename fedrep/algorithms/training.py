@@ -30,7 +30,7 @@ class Phase:
 @dataclass(frozen=True)
 class LocalResult:
     num_examples: int
-    loss: float  # mean train loss over the last phase's last epoch (nan if no step was taken)
+    loss: float  # mean of the per-epoch train losses, all phases (official code); nan if no step
     steps: int
 
 
@@ -41,9 +41,9 @@ class EvalResult:
     accuracy: float | None  # None for regression
 
 
-def round_generator(seed: int, server_round: int, client: int) -> torch.Generator:
-    """Independent, reproducible stream per (run seed, round, client)."""
-    state = np.random.SeedSequence([seed, server_round, client]).generate_state(2)
+def round_generator(seed: int, server_round: int, client: int, purpose: int = 0) -> torch.Generator:
+    """Independent, reproducible stream per (run seed, round, client, purpose)."""
+    state = np.random.SeedSequence([seed, server_round, client, purpose]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -92,7 +92,7 @@ def run_phases(
     cfg: RunConfig,
     generator: torch.Generator,
 ) -> LocalResult:
-    """Run the phases in order with one optimizer; return the last epoch's mean loss.
+    """Run the phases in order with one optimizer.
 
     A phase that trains only the head, on a body without dropout or batch statistics, sees the
     same body output for a sample in every epoch; those features are computed once and the
@@ -101,7 +101,7 @@ def run_phases(
     optimizer = make_optimizer(model, cfg)
     model.train()
     n = len(y)
-    steps, last_loss = 0, float("nan")
+    steps, epoch_losses = 0, []
     for phase in phases:
         set_trainable(model, phase.trainable)
         inputs, forward = x, model
@@ -120,9 +120,11 @@ def run_phases(
                 total += loss.item() * len(idx)
                 count += len(idx)
                 steps += 1
-            last_loss = total / max(count, 1)
+            if count:
+                epoch_losses.append(total / count)
     set_trainable(model, (name for name, _ in model.named_parameters()))
-    return LocalResult(num_examples=n, loss=last_loss, steps=steps)
+    loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
+    return LocalResult(num_examples=n, loss=loss, steps=steps)
 
 
 @torch.no_grad()
@@ -136,6 +138,7 @@ def evaluate(model: SplitModel, x: torch.Tensor, y: torch.Tensor, batch_size: in
         total_loss += loss_fn(model, out, target).item() * len(target)
         if model.task == "classification":
             correct += int((out.argmax(dim=1) == target).sum())
-    n = max(len(y), 1)
-    accuracy = correct / n if model.task == "classification" else None
-    return EvalResult(num_examples=len(y), loss=total_loss / n, accuracy=accuracy)
+    if len(y) == 0:  # nothing to evaluate on: report no numbers rather than a fake 0%
+        return EvalResult(num_examples=0, loss=float("nan"), accuracy=None)
+    accuracy = correct / len(y) if model.task == "classification" else None
+    return EvalResult(num_examples=len(y), loss=total_loss / len(y), accuracy=accuracy)

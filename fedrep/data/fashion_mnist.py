@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrep.files import atomic_write, numpy_bytes
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 HOW_TO_GET = (
@@ -167,22 +169,28 @@ def locate(data_dir: str | os.PathLike[str] | None = None, allow_download: bool 
     raise DataError(f"Fashion-MNIST not found (looked in: {looked}). {HOW_TO_GET}")
 
 
-def _decoded_path(directory: Path, key: str) -> Path:
-    tag = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
-    return cache_dir() / "fashion-mnist" / "decoded" / tag / f"{key}.npy"
+def _decoded_path(source: Path, key: str) -> Path:
+    """Cache entry keyed by the source file's path, size and mtime: replacing the file
+    invalidates it."""
+    st = source.stat()
+    tag = hashlib.sha256(f"{source.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return cache_dir() / "fashion-mnist" / "decoded" / tag[:16] / f"{key}.npy"
 
 
 def load_array(directory: Path, key: str) -> np.ndarray:
     """One verified array, decoded once to the cache and memory-mapped on every later call."""
     spec = FILES[key]
-    cached = _decoded_path(directory, key)
-    if cached.is_file():
-        arr = np.load(cached, mmap_mode="r")
-        if arr.shape == spec.shape:
-            return arr
     path = _find_file(directory, spec.stem)
     if path is None:
         raise DataError(f"{directory / spec.stem}(.gz) is missing. {HOW_TO_GET}")
+    cached = _decoded_path(path, key)
+    if cached.is_file():
+        try:
+            arr = np.load(cached, mmap_mode="r")
+            if arr.shape == spec.shape:
+                return arr
+        except (ValueError, OSError):
+            pass  # a damaged cache entry: decode again below
     raw = _read_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != spec.sha256:
@@ -194,10 +202,7 @@ def load_array(directory: Path, key: str) -> np.ndarray:
     if arr.shape != spec.shape:
         raise DataError(f"{path} has shape {arr.shape}, expected {spec.shape}. {HOW_TO_GET}")
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npy", delete=False) as tmp:
-            np.save(tmp, arr)
-        os.replace(tmp.name, cached)
+        atomic_write(cached, numpy_bytes(arr))
         return np.load(cached, mmap_mode="r")
     except OSError:
         return arr  # read-only cache: fall back to the in-memory copy

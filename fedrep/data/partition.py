@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrep.config import ConfigError
+
 
 @dataclass(frozen=True)
 class ClientIndices:
@@ -18,7 +20,7 @@ class ClientIndices:
     test: np.ndarray  # int64 indices into the test split
 
 
-class PartitionError(ValueError):
+class PartitionError(ConfigError):
     """A partition that cannot be built from these arguments; the message says why."""
 
 
@@ -58,27 +60,32 @@ def pathological(
     seed: int,
     num_classes: int = 10,
 ) -> list[ClientIndices]:
-    """Each client holds s classes; each class is cut into equal shards, one per client using it.
+    """Each client holds s classes, one equal-sized shard of each.
 
-    The test split of class c is cut into the same number of shards, so a client's local test set
-    covers exactly its train classes (FedRep paper, CIFAR setting; LG-FedAvg's ``noniid``)."""
+    Shard size is the same for every class: the smallest class divided by the largest number of
+    clients sharing a class (when n*s is not a multiple of the class count, the classes with fewer
+    holders leave samples unused rather than hand out bigger shards). The test split is cut the
+    same way, so a client's local test set covers exactly its train classes (FedRep paper, CIFAR
+    setting; LG-FedAvg's ``noniid``)."""
     rng = np.random.default_rng([seed, 0xC1A55])
     classes = assign_classes(num_clients, classes_per_client, num_classes, rng)
     train_pool = _by_class(train_labels, num_classes, rng)
     test_pool = _by_class(test_labels, num_classes, rng)
     train_parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     test_parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for c in range(num_classes):
-        holders = np.flatnonzero((classes == c).any(axis=1))
-        if len(holders) == 0:
-            continue
-        shard = len(train_pool[c]) // len(holders)
-        test_shard = len(test_pool[c]) // len(holders)
-        if shard == 0 or test_shard == 0:
-            raise PartitionError(
-                f"class {c} has too few samples for {len(holders)} clients; "
-                "use fewer clients or more classes per client"
-            )
+    holders_of = [np.flatnonzero((classes == c).any(axis=1)) for c in range(num_classes)]
+    most = max(len(h) for h in holders_of)
+    used = [c for c in range(num_classes) if len(holders_of[c])]
+    shard = min(len(train_pool[c]) for c in used) // most
+    test_shard = min(len(test_pool[c]) for c in used) // most
+    if shard == 0 or test_shard == 0:
+        raise PartitionError(
+            f"too few samples per class for {most} clients sharing a class "
+            f"({num_clients} clients x {classes_per_client} classes); use fewer clients or fewer "
+            "classes per client"
+        )
+    for c in used:
+        holders = holders_of[c]
         for k, client in enumerate(holders):
             train_parts[client].append(train_pool[c][k * shard : (k + 1) * shard])
             test_parts[client].append(test_pool[c][k * test_shard : (k + 1) * test_shard])

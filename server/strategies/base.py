@@ -13,6 +13,7 @@ A Flower ``Strategy`` (message API) with three changes from ``flwr``'s stock ``F
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -46,6 +47,7 @@ class SharedAveraging(Strategy):
         self.query_timeout = query_timeout
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.last_failures: list[tuple[int, str]] = []
+        self._waited = False
 
     # -- who is out there ------------------------------------------------------------------
     def wait_for_nodes(self, grid: Grid) -> set[int]:
@@ -68,11 +70,15 @@ class SharedAveraging(Strategy):
         return connected
 
     def discover(self, grid: Grid) -> dict[int, int]:
-        """Map every connected node to its partition id, asking only nodes not seen before."""
-        if len(self.partition_of) >= self.cfg.num_clients:
+        """Map every connected node to its partition id, asking only nodes not seen before.
+
+        The first call waits for the whole population; a node whose query fails (for example
+        because it cannot load its data) stops the run with that node's message."""
+        if self._waited:
             connected = set(grid.get_node_ids())
         else:
             connected = self.wait_for_nodes(grid)
+            self._waited = True
         for gone in set(self.partition_of) - connected:
             log(WARNING, "node %s (partition %s) left", gone, self.partition_of.pop(gone))
         new = sorted(connected - set(self.partition_of))
@@ -80,13 +86,27 @@ class SharedAveraging(Strategy):
             question = RecordDict({CONFIG: ConfigRecord({"ask": PARTITION_ID})})
             msgs = [Message(question, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
+                node = reply.metadata.src_node_id
                 if reply.has_error():
-                    log(WARNING, "node %s did not answer the query: %s",
-                        reply.metadata.src_node_id, reply.error.reason)
-                    continue
-                pid = int(reply.content[METRICS][PARTITION_ID])
-                self.partition_of[reply.metadata.src_node_id] = pid
+                    raise RuntimeError(f"node {node} failed to start: {reply.error.reason}")
+                self._register(node, reply.content[METRICS])
         return dict(self.partition_of)
+
+    def _register(self, node: int, info: MetricRecord) -> None:
+        pid = int(info[PARTITION_ID])
+        partitions = int(info.get("num-partitions", self.cfg.num_clients))
+        if partitions != self.cfg.num_clients:
+            raise RuntimeError(
+                f"node {node} is partition {pid} of {partitions}, but num-clients="
+                f"{self.cfg.num_clients}; start {self.cfg.num_clients} SuperNodes (simulation: "
+                f"--federation-config 'num-supernodes={self.cfg.num_clients}') or set num-clients"
+            )
+        if not 0 <= pid < self.cfg.num_clients:
+            raise RuntimeError(f"node {node} claims partition-id {pid}, outside 0..{partitions - 1}")
+        owner = next((n for n, p in self.partition_of.items() if p == pid), None)
+        if owner is not None and owner != node:
+            raise RuntimeError(f"nodes {owner} and {node} both claim partition-id {pid}")
+        self.partition_of[node] = pid
 
     def _nodes_for(self, partitions: Iterable[int]) -> list[int]:
         node_of = {pid: node for node, pid in self.partition_of.items()}
@@ -135,15 +155,11 @@ class SharedAveraging(Strategy):
             for r in ok
         ]
         averaged = weighted_average(updates)
-        losses = [float(r.content[METRICS]["train-loss"]) for r in ok]
-        weights = [w for _, w in updates]
-        metrics = MetricRecord(
-            {
-                "train-loss": summarize(losses, weights)["weighted-mean"],
-                "train-clients": len(ok),
-                "train-failures": len(self.last_failures),
-            }
-        )
+        finite = [(float(r.content[METRICS]["train-loss"]), w) for r, (_, w) in zip(ok, updates, strict=True)
+                  if math.isfinite(float(r.content[METRICS]["train-loss"]))]
+        metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
+        if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
+            metrics["train-loss"] = summarize(*zip(*finite, strict=True))["weighted-mean"]
         record = ArrayRecord()
         for key, value in averaged.items():
             record[key] = Array.from_numpy_ndarray(value)
@@ -166,9 +182,19 @@ class SharedAveraging(Strategy):
         if not ok:
             return None
         metrics = [r.content[METRICS] for r in ok]
-        out: dict[str, float | int] = {"eval-clients": len(ok)}
-        for key in ("loss", "accuracy"):
+        trained = [m for m in metrics if int(m.get("personal-restored", 1)) != 0]
+        out: dict[str, float | int] = {
+            "eval-clients": len(ok),
+            "eval-failures": len(self.last_failures),
+            "eval-untrained": len(metrics) - len(trained),
+        }
+        for key in ("loss", "accuracy", "loss-finetuned", "accuracy-finetuned"):
             values = [float(m[key]) for m in metrics if key in m]
             if values:
                 out.update({f"{key}-{stat}": v for stat, v in summarize(values).items()})
+        # The paper's curves are dominated by clients that have trained at least once; with 10%
+        # participation many have not in early rounds, and they still hold the initial head.
+        values = [float(m["accuracy"]) for m in trained if "accuracy" in m]
+        if values and len(trained) < len(metrics):
+            out["accuracy-trained-mean"] = summarize(values)["mean"]
         return MetricRecord(out)
