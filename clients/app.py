@@ -32,12 +32,19 @@ def _frozen(run_config: dict) -> tuple:
     return tuple(sorted(run_config.items()))
 
 
+def device_for(cfg: RunConfig) -> str:
+    """The GPU Ray assigned to this worker when client-gpus > 0 (Ray sets CUDA_VISIBLE_DEVICES,
+    so it is always cuda:0 here), else the CPU."""
+    return "cuda" if cfg.client_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
 @lru_cache(maxsize=4)
 def _setup(frozen_config: tuple) -> tuple[RunConfig, ClientUpdateRule, SplitModel, dict]:
     cfg = parse_run_config(dict(frozen_config), "Flower run config (client)")
     rule = get_strategy(cfg.strategy).client(cfg)
     model = build_model(cfg)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device_for(cfg))
     torch.set_num_threads(cfg.client_threads)
     return cfg, rule, model, initial
 
@@ -79,7 +86,7 @@ def query(msg: Message, context: Context) -> Message:
     missing or corrupt data file stops the run at start, with this node's message."""
     cfg, _, _, _ = _setup(_frozen(dict(context.run_config)))
     pid = _partition(context)
-    data = load_client_data(cfg, pid)
+    data = load_client_data(cfg, pid, device_for(cfg))
     info = {"partition-id": pid, "num-train": data.num_train, "num-test": data.num_test,
             "num-partitions": int(context.node_config.get("num-partitions", cfg.num_clients))}
     return Message(RecordDict({"metrics": MetricRecord(info)}), reply_to=msg)
@@ -88,7 +95,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, rule, model, pid, server_round, run_dir, source = _prepare(msg, context, after_training=False)
-    data = load_client_data(cfg, pid)
+    data = load_client_data(cfg, pid, device_for(cfg))
     result = rule.fit(model, data, round_generator(cfg.seed, server_round, pid))
     state = model.state_dict()
     save_personal(context, run_dir, pid, server_round, {k: state[k] for k in rule.personal_keys(model)})
@@ -106,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, rule, model, pid, server_round, _, source = _prepare(msg, context, after_training=True)
-    data = load_client_data(cfg, pid)
+    data = load_client_data(cfg, pid, device_for(cfg))
     metrics: dict[str, int | float] = {"num-examples": data.num_test, "partition-id": pid,
                                        "personal-restored": RESTORED_CODE[source]}
     if data.num_test == 0:

@@ -93,6 +93,9 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
     cfg = parse_run_config(values, "fedrep run configuration")
+    if not args.resume and cfg.run_dir and (Path(cfg.run_dir) / "state.json").exists():
+        raise ConfigError(f"run-dir {cfg.run_dir} already holds a run; resume it with "
+                          f"`fedrep run --resume {cfg.run_dir}` or choose another run-dir")
     if not cfg.run_dir:
         run_dir = (Path(cfg.out_dir) / new_run_name(cfg)).resolve()
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
@@ -212,5 +215,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     sys.exit(main())

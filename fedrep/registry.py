@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -52,10 +52,28 @@ def _dist_name(ep: EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "<unknown package>"
 
 
+# The built-ins as this project's pyproject.toml declares them. Used only where the fedrep
+# distribution itself is not installed (a Flower app bundle unpacked on a bare SuperNode), so
+# that the built-ins stay available there; installed, they come from the entry points like any
+# third-party plugin.
+BUILTINS = {
+    "fedrep": "server.strategies.fedrep:PLUGIN",
+    "fedavg": "server.strategies.fedavg:PLUGIN",
+}
+
+
+def _builtin_fallback() -> list[EntryPoint]:
+    try:
+        distribution("fedrep")
+        return []
+    except PackageNotFoundError:
+        return [EntryPoint(name, value, GROUP) for name, value in BUILTINS.items()]
+
+
 @cache
 def _entry_points() -> dict[str, EntryPoint]:
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=GROUP):
+    for ep in [*entry_points(group=GROUP), *_builtin_fallback()]:
         if ep.name in found and found[ep.name].value != ep.value:
             raise PluginError(
                 f"strategy name {ep.name!r} is claimed by two plugins: "

@@ -12,8 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedrep.config import ConfigError, RunConfig
@@ -22,6 +21,7 @@ from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.registry import get_strategy
 from fedrep.results import RunDir
+from server.records import from_record, to_record
 
 # Keys that may change when a run is resumed; everything else must match the saved config.
 # (client-threads and cache-head-features are not among them: they change float rounding.)
@@ -68,17 +68,6 @@ class AuditingGrid:
     def drain(self) -> list[dict[str, Any]]:
         rows, self.rows = self.rows, []
         return rows
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    record = ArrayRecord()
-    for key, value in arrays.items():
-        record[key] = Array.from_numpy_ndarray(np.ascontiguousarray(value))
-    return record
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
 
 
 def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:

@@ -95,3 +95,12 @@ def test_entry_point_must_be_a_plugin_with_its_name(plugin_path: Path):
 def test_unknown_strategy_message():
     with pytest.raises(registry.PluginError, match="unknown strategy 'nope'; installed: .*fedrep"):
         registry.get_strategy("nope")
+
+
+def test_builtin_table_matches_pyproject():
+    """The fallback for bare app bundles must list exactly what pyproject.toml registers."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared["fedrep.strategies"] == registry.BUILTINS

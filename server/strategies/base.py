@@ -19,7 +19,6 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -34,6 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedrep.algorithms.aggregate import summarize, weighted_average
 from fedrep.algorithms.sampling import sample_clients
 from fedrep.config import RunConfig
+from server.records import from_record, to_record
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
@@ -149,21 +149,14 @@ class SharedAveraging(Strategy):
         ok = self._split_replies(replies)
         if not ok:
             return None, None
-        updates = [
-            ({k: a.numpy() for k, a in r.content[ARRAYS].items()},
-             float(r.content[METRICS][NUM_EXAMPLES]))
-            for r in ok
-        ]
+        updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
         averaged = weighted_average(updates)
         finite = [(float(r.content[METRICS]["train-loss"]), w) for r, (_, w) in zip(ok, updates, strict=True)
                   if math.isfinite(float(r.content[METRICS]["train-loss"]))]
         metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
         if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
             metrics["train-loss"] = summarize(*zip(*finite, strict=True))["weighted-mean"]
-        record = ArrayRecord()
-        for key, value in averaged.items():
-            record[key] = Array.from_numpy_ndarray(value)
-        return record, metrics
+        return to_record(averaged), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
