@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fedrep.algorithms.sampling import sample_clients
-from fedrep.algorithms.training import round_generator
+from fedrep.algorithms.training import EVAL, round_generator
 from fedrep.config import parse_run_config
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
@@ -39,8 +39,8 @@ from fedrep.results import RunDir
 
 def reference_round(cfg, server_round: int) -> float:
     """Seconds for one round of the same arithmetic in one process (data preloaded)."""
-    rule = get_strategy(cfg.strategy).client(cfg)
-    model = build_model(cfg)
+    rule = get_strategy(cfg.strategy).client_rule(cfg)
+    model = rule.prepare_model(build_model(cfg))
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     datas = [load_client_data(cfg, c) for c in range(cfg.num_clients)]
     torch.set_num_threads(cfg.client_threads)
@@ -50,7 +50,7 @@ def reference_round(cfg, server_round: int) -> float:
         rule.fit(model, datas[client], round_generator(cfg.seed, server_round, client))
     for client in range(cfg.num_clients):
         model.load_state_dict(start_state)
-        rule.evaluate(model, datas[client])
+        rule.evaluate(model, datas[client], round_generator(cfg.seed, server_round, client, EVAL))
     return time.perf_counter() - t0
 
 
@@ -59,8 +59,8 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
     times = []
     for cache in (False, True):
         c = cfg.model_copy(update={"cache_head_features": cache})
-        rule = get_strategy(c.strategy).client(c)
-        model = build_model(c)
+        rule = get_strategy(c.strategy).client_rule(c)
+        model = rule.prepare_model(build_model(c))
         t0 = time.perf_counter()
         for client in range(clients):
             rule.fit(model, load_client_data(c, client), round_generator(c.seed, 1, client))

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from clients.state import load_personal, save_personal
 from fedrep.algorithms.base import ClientUpdateRule
-from fedrep.algorithms.training import round_generator
+from fedrep.algorithms.training import EVAL, FINETUNE, round_generator
 from fedrep.config import RunConfig, parse_run_config
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
@@ -25,7 +25,6 @@ from fedrep.registry import get_strategy
 app = ClientApp()
 # Reported in every reply so the server can tell trained clients from untouched ones.
 RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2}
-FINETUNE_STREAM = 1  # round_generator purpose: fine-tuning draws its own shuffles
 
 
 def _frozen(run_config: dict) -> tuple:
@@ -41,8 +40,8 @@ def device_for(cfg: RunConfig) -> str:
 @lru_cache(maxsize=4)
 def _setup(frozen_config: tuple) -> tuple[RunConfig, ClientUpdateRule, SplitModel, dict]:
     cfg = parse_run_config(dict(frozen_config), "Flower run config (client)")
-    rule = get_strategy(cfg.strategy).client(cfg)
-    model = build_model(cfg)
+    rule = get_strategy(cfg.strategy).client_rule(cfg)
+    model = rule.prepare_model(build_model(cfg))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     model.to(device_for(cfg))
     torch.set_num_threads(cfg.client_threads)
@@ -118,10 +117,10 @@ def evaluate(msg: Message, context: Context) -> Message:
                                        "personal-restored": RESTORED_CODE[source]}
     if data.num_test == 0:
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    results = {"": rule.evaluate(model, data)}
+    results = {"": rule.evaluate(model, data, round_generator(cfg.seed, server_round, pid, EVAL))}
     finetune = int(msg.content["config"].get("finetune-epochs", 0))
     if finetune > 0:
-        gen = round_generator(cfg.seed, server_round, pid, FINETUNE_STREAM)
+        gen = round_generator(cfg.seed, server_round, pid, FINETUNE)
         results["-finetuned"] = rule.finetune_and_evaluate(model, data, finetune, gen)
     for suffix, result in results.items():
         metrics[f"loss{suffix}"] = result.loss

@@ -115,8 +115,9 @@ def preflight(cfg: RunConfig) -> None:
 
 def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
     """Drive the plain Flower route: ``flwr run APP --stream`` on a local SuperLink."""
+    from fedrep.config import toml_value
     from fedrep.results import RunDir
-    from fedrep.simulation import _toml_value, quiet_flower_env
+    from fedrep.simulation import quiet_flower_env
 
     quiet_flower_env()
     flwr = shutil.which("flwr")
@@ -124,7 +125,7 @@ def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
         raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
     overrides: list[str] = []
     for key, value in cfg.to_flower().items():
-        overrides += ["--run-config", f"{key}={_toml_value(value)}"]
+        overrides += ["--run-config", f"{key}={toml_value(value)}"]
     cpus = int(cfg.client_cpus) if float(cfg.client_cpus).is_integer() else cfg.client_cpus
     federation = (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={cfg.client_gpus}")

@@ -50,6 +50,11 @@ class RunConfig(BaseModel):
         "fedrep",
         description="Registered strategy plugin name (see `fedrep strategies`).",
     )
+    strategy_options: str = Field(
+        "",
+        description="The strategy plugin's own options as a TOML inline table, e.g. '{mu = 0.01}' "
+        "(see `fedrep strategies`).",
+    )
     dataset: Literal["fashion-mnist", "linear-synthetic"] = Field(
         "fashion-mnist", description="Data set: Fashion-MNIST IDX files or the paper's Sec. 5 linear task."
     )
@@ -160,6 +165,23 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown strategy {name!r}; installed: {', '.join(sorted(names))}")
         return name
 
+    @field_validator("strategy_options", mode="before")
+    @classmethod
+    def _options_as_text(cls, value: Any) -> Any:
+        """Flower run configs hold scalars only, so a table given as a dict (TOML file, --set)
+        travels as its inline-table text."""
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return value
+
+    @model_validator(mode="after")
+    def _options_valid(self) -> RunConfig:
+        from fedrep.registry import get_strategy
+
+        if self.strategy_options.strip():
+            get_strategy(self.strategy).parse_options(self.strategy_options)
+        return self
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         models = DATASET_MODELS[self.dataset]
@@ -188,6 +210,17 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's run config carries."""
         return self.model_dump(by_alias=True)
+
+
+def toml_value(value: Any) -> str:
+    """A Python scalar/list as TOML value text (for Flower run-config files and overrides)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
 def allowed_keys() -> list[str]:

@@ -32,6 +32,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(x, mean, marker="o", label="mean local accuracy")
         ax.fill_between(x, [m - s for m, s in zip(mean, std, strict=True)],
                         [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2, label="± 1 std")
+        trained = [r for r in evald if "accuracy-trained-mean" in r]
+        if trained:
+            ax.plot([r["round"] for r in trained], [r["accuracy-trained-mean"] for r in trained],
+                    linestyle="--", label="clients that have trained")
+        tuned = [r for r in evald if "accuracy-finetuned-mean" in r]
+        if tuned:
+            ax.plot([r["round"] for r in tuned], [r["accuracy-finetuned-mean"] for r in tuned],
+                    marker="*", markersize=12, linestyle="none", label="after final head fine-tune")
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)

@@ -15,7 +15,7 @@ import torch
 from fedrep.algorithms.aggregate import summarize, weighted_average
 from fedrep.algorithms.base import ClientUpdateRule
 from fedrep.algorithms.sampling import sample_clients
-from fedrep.algorithms.training import round_generator
+from fedrep.algorithms.training import EVAL, round_generator
 from fedrep.config import RunConfig
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
@@ -41,7 +41,7 @@ def run_reference(
     on_round: Callable[[int, SplitModel, ReferenceRun], dict[str, float]] | None = None,
 ) -> ReferenceRun:
     """Run ``rounds`` rounds (default ``cfg.num_rounds``); ``on_round`` may add metrics."""
-    model = build_model(cfg)
+    model = rule.prepare_model(build_model(cfg))
     shared_keys, personal_keys = rule.shared_keys(model), rule.personal_keys(model)
     initial_personal = _state(model, personal_keys)
     run = ReferenceRun(shared=_state(model, shared_keys), personal={})
@@ -70,13 +70,15 @@ def run_reference(
 
 
 def evaluate_all(cfg: RunConfig, rule: ClientUpdateRule, run: ReferenceRun) -> dict[str, float]:
+    rounds_done = len(run.history)
     """Mean of local accuracies (and loss) over all clients, each with its own personal part."""
-    model = build_model(cfg)
+    model = rule.prepare_model(build_model(cfg))
     initial_personal = _state(model, rule.personal_keys(model))
     accs, losses = [], []
     for client in range(cfg.num_clients):
         model.load_state_dict({**run.shared, **run.personal.get(client, initial_personal)})
-        res = rule.evaluate(model, load_client_data(cfg, client))
+        gen = round_generator(cfg.seed, rounds_done, client, EVAL)
+        res = rule.evaluate(model, load_client_data(cfg, client), gen)
         losses.append(res.loss)
         if res.accuracy is not None:
             accs.append(res.accuracy)

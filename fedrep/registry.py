@@ -19,6 +19,9 @@ from functools import cache
 from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 from typing import TYPE_CHECKING, Any
 
+import tomllib
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 if TYPE_CHECKING:
     from fedrep.algorithms.base import ClientUpdateRule
     from fedrep.config import RunConfig
@@ -30,22 +33,54 @@ class PluginError(RuntimeError):
     """A plugin is missing, ambiguous or broken; the message names the package."""
 
 
+class NoOptions(BaseModel):
+    """For plugins without options of their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @dataclass(frozen=True)
 class StrategyPlugin:
     """What a strategy plugin provides.
 
-    ``server`` builds the server half from the validated run config: a Flower ``Strategy``
+    ``server(cfg, options)`` builds the server half: a Flower ``Strategy``
     (``flwr.serverapp.strategy.Strategy``) whose ``configure_*``/``aggregate_*`` hooks the
-    platform's round loop calls. ``client`` builds the client half, a
-    :class:`fedrep.algorithms.base.ClientUpdateRule` (plain PyTorch). ``config_keys`` lists the
-    run-config keys the plugin reads, for ``fedrep strategies``.
+    platform's round loop calls. ``client(cfg, options)`` builds the client half, a
+    :class:`fedrep.algorithms.base.ClientUpdateRule` (plain PyTorch). ``options`` is the
+    plugin's own pydantic model for its hyper-parameters, filled from the run-config key
+    ``strategy-options`` (a TOML inline table, e.g. ``"{mu = 0.01}"``) and validated at start.
+    ``config_keys`` lists the shared run-config keys the plugin reads, for ``fedrep strategies``.
     """
 
     name: str
     description: str
-    server: Callable[[RunConfig], Any]
-    client: Callable[[RunConfig], ClientUpdateRule]
+    server: Callable[[RunConfig, Any], Any]
+    client: Callable[[RunConfig, Any], ClientUpdateRule]
     config_keys: tuple[str, ...] = field(default_factory=tuple)
+    options: type[BaseModel] = NoOptions
+
+    def parse_options(self, text: str) -> BaseModel:
+        """Validate ``strategy-options``; ValueError names the bad option and the allowed ones."""
+        try:
+            values = tomllib.loads(f"o = {text.strip() or '{}'}")["o"] if text.strip() else {}
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"strategy-options {text!r} is not a TOML inline table such as "
+                             f"'{{mu = 0.01}}': {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"strategy-options {text!r} must be an inline table like '{{mu = 0.01}}'")
+        try:
+            return self.options.model_validate(values)
+        except ValidationError as err:
+            allowed = ", ".join(self.options.model_fields) or "none"
+            problems = "; ".join(
+                f"strategy-options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"{problems} (options of {self.name!r}: {allowed})") from None
+
+    def client_rule(self, cfg: RunConfig) -> ClientUpdateRule:
+        return self.client(cfg, self.parse_options(cfg.strategy_options))
+
+    def server_strategy(self, cfg: RunConfig) -> Any:
+        return self.server(cfg, self.parse_options(cfg.strategy_options))
 
 
 def _dist_name(ep: EntryPoint) -> str:
@@ -130,8 +165,11 @@ def describe() -> list[dict[str, str]]:
             plugin = get_strategy(name)
             row["description"] = plugin.description
             row["config-keys"] = ", ".join(plugin.config_keys)
+            row["options"] = ", ".join(
+                f"{name}={f.default!r}" for name, f in plugin.options.model_fields.items())
         except PluginError as err:
             row["description"] = f"BROKEN: {err}"
             row["config-keys"] = ""
+            row["options"] = ""
         rows.append(row)
     return rows

@@ -15,17 +15,9 @@ from typing import Any
 
 import tomllib
 
-from fedrep.config import RunConfig
+from fedrep.config import RunConfig, toml_value
 
 SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def write_app_dir(cfg: RunConfig, folder: Path) -> Path:
@@ -38,7 +30,7 @@ def write_app_dir(cfg: RunConfig, folder: Path) -> Path:
         f'serverapp = "{SERVER_APP}"', f'clientapp = "{CLIENT_APP}"', "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in cfg.to_flower().items()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in cfg.to_flower().items()]
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # fail here, not inside a Ray worker, if quoting ever breaks
     (folder / "pyproject.toml").write_text(text)

@@ -112,9 +112,10 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
 def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
     run, cfg, last = _open_run(cfg)
     plugin = get_strategy(cfg.strategy)
-    model = build_model(cfg)
-    shared_keys = plugin.client(cfg).shared_keys(model)
-    strategy = plugin.server(cfg)
+    rule = plugin.client_rule(cfg)
+    model = rule.prepare_model(build_model(cfg))
+    shared_keys = rule.shared_keys(model)
+    strategy = plugin.server_strategy(cfg)
     if last > 0:
         arrays = run.load_checkpoint(last)
         print(f"[fedrep] resuming {run.path} after round {last}", file=sys.stderr, flush=True)

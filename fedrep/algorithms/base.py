@@ -2,12 +2,14 @@
 
 A rule is plain PyTorch: it never sees Flower. The ClientApp loads the shared parameters the
 server sent and the client's personal parameters from its own state into one model, calls
-:meth:`ClientUpdateRule.fit`, sends back :meth:`shared_keys` and keeps the rest.
+:meth:`ClientUpdateRule.fit`, sends back :meth:`shared_keys` and keeps the rest
+(:meth:`personal_keys`). Most algorithms only override :meth:`shared_keys` and :meth:`phases`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -21,11 +23,35 @@ def param_names(module: torch.nn.Module, prefix: str) -> frozenset[str]:
     return frozenset(f"{prefix}.{name}" for name, _ in module.named_parameters())
 
 
-class ClientUpdateRule(ABC):
-    """Client half of a strategy plugin."""
+def all_params(model: torch.nn.Module) -> frozenset[str]:
+    return frozenset(name for name, _ in model.named_parameters())
 
-    def __init__(self, cfg: RunConfig) -> None:
+
+def proximal_term(model: torch.nn.Module, names: frozenset[str] | set[str], weight: float,
+                  prefix: str = "") -> Any:
+    """``weight/2 * sum ||p - p_0||^2`` over ``names``, anchored at their values *now* (the
+    global model just received). Used by FedProx and Ditto; ``prefix`` maps a trained parameter
+    ``prefix+name`` onto the anchor ``name``."""
+    params = dict(model.named_parameters())
+    anchor = {n: params[n].detach().clone() for n in names}
+    pairs = [(params[prefix + n], a) for n, a in anchor.items()]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * weight * sum(((p - a) ** 2).sum() for p, a in pairs)
+
+    return penalty
+
+
+class ClientUpdateRule(ABC):
+    """Client half of a strategy plugin. ``options`` is the plugin's validated options model."""
+
+    def __init__(self, cfg: RunConfig, options: Any = None) -> None:
         self.cfg = cfg
+        self.options = options
+
+    def prepare_model(self, model: SplitModel) -> SplitModel:
+        """Wrap or extend the run's model (Ditto adds a personal copy). Default: unchanged."""
+        return model
 
     @abstractmethod
     def shared_keys(self, model: SplitModel) -> list[str]:
@@ -38,12 +64,15 @@ class ClientUpdateRule(ABC):
 
     @abstractmethod
     def phases(self, model: SplitModel) -> list[Phase]:
-        """What one local update trains, in order."""
+        """What one local update trains, in order. Called at the start of each update, with
+        the received shared parameters already loaded (proximal anchors are taken here)."""
 
     def fit(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> LocalResult:
         return run_phases(model, data.x_train, data.y_train, self.phases(model), self.cfg, generator)
 
-    def evaluate(self, model: SplitModel, data: ClientData) -> EvalResult:
+    def evaluate(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> EvalResult:
+        """Local test metrics of this client's model. Personalization by fine-tuning
+        (FedAvg+FT) overrides this; ``generator`` seeds any training it does."""
         return evaluate(model, data.x_test, data.y_test)
 
     def finetune_phases(self, model: SplitModel, epochs: int) -> list[Phase]:
@@ -56,4 +85,4 @@ class ClientUpdateRule(ABC):
         """Fine-tune in place (the caller discards the result) and evaluate."""
         run_phases(model, data.x_train, data.y_train, self.finetune_phases(model, epochs),
                    self.cfg, generator)
-        return self.evaluate(model, data)
+        return evaluate(model, data.x_test, data.y_test)

@@ -7,7 +7,7 @@ touching global RNG state, which is what makes resumed runs match uninterrupted 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +21,15 @@ from fedrep.models.base import SplitModel
 
 @dataclass(frozen=True)
 class Phase:
-    """Train exactly ``trainable`` (state-dict names) for ``epochs`` epochs; all else is frozen."""
+    """Train exactly ``trainable`` (parameter names) for ``epochs`` epochs; all else is frozen.
+
+    ``forward`` replaces ``model(x)`` (Ditto trains a second, personal network); ``penalty`` is
+    added to each batch loss (FedProx's and Ditto's proximal terms)."""
 
     trainable: frozenset[str]
     epochs: int
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    penalty: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class EvalResult:
     num_examples: int
     loss: float
     accuracy: float | None  # None for regression
+
+
+# round_generator purposes: each use of randomness in a round draws its own stream.
+TRAIN, FINETUNE, EVAL = 0, 1, 2
 
 
 def round_generator(seed: int, server_round: int, client: int, purpose: int = 0) -> torch.Generator:
@@ -104,9 +113,9 @@ def run_phases(
     steps, epoch_losses = 0, []
     for phase in phases:
         set_trainable(model, phase.trainable)
-        inputs, forward = x, model
-        if (cfg.cache_head_features and phase.epochs > 1 and _head_only(model, phase.trainable)
-                and model.body_is_deterministic()):
+        inputs, forward = x, phase.forward or model
+        if (cfg.cache_head_features and phase.forward is None and phase.epochs > 1
+                and _head_only(model, phase.trainable) and model.body_is_deterministic()):
             inputs, forward = body_features(model, x), model.head
         for _ in range(phase.epochs):
             order = torch.randperm(n, generator=generator)
@@ -115,7 +124,8 @@ def run_phases(
                 idx = order[start : start + cfg.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, forward(inputs[idx]), y[idx])
-                loss.backward()
+                objective = loss if phase.penalty is None else loss + phase.penalty()
+                objective.backward()
                 optimizer.step()
                 total += loss.item() * len(idx)
                 count += len(idx)

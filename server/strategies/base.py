@@ -42,8 +42,9 @@ PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 class SharedAveraging(Strategy):
     """Average the shared arrays the clients return, weighted by their sample counts."""
 
-    def __init__(self, cfg: RunConfig, query_timeout: float = 600.0) -> None:
+    def __init__(self, cfg: RunConfig, options: object = None, query_timeout: float = 600.0) -> None:
         self.cfg = cfg
+        self.options = options
         self.query_timeout = query_timeout
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.last_failures: list[tuple[int, str]] = []
