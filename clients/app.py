@@ -117,9 +117,11 @@ def evaluate(msg: Message, context: Context) -> Message:
                                        "personal-restored": RESTORED_CODE[source]}
     if data.num_test == 0:
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    results = {"": rule.evaluate(model, data, round_generator(cfg.seed, server_round, pid, EVAL))}
     finetune = int(msg.content["config"].get("finetune-epochs", 0))
+    loaded = {k: v.clone() for k, v in model.state_dict().items()} if finetune > 0 else {}
+    results = {"": rule.evaluate(model, data, round_generator(cfg.seed, server_round, pid, EVAL))}
     if finetune > 0:
+        model.load_state_dict(loaded)  # rule.evaluate may have fine-tuned in place
         gen = round_generator(cfg.seed, server_round, pid, FINETUNE)
         results["-finetuned"] = rule.finetune_and_evaluate(model, data, finetune, gen)
     for suffix, result in results.items():

@@ -176,6 +176,8 @@ def cmd_strategies(_: argparse.Namespace) -> int:
         print(f"{'':<{width}}  {row['description']}")
         if row.get("config-keys"):
             print(f"{'':<{width}}  config keys: {row['config-keys']}")
+        if row.get("options"):
+            print(f"{'':<{width}}  strategy-options: {{{row['options']}}}")
     return 0
 
 

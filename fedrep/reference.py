@@ -46,7 +46,7 @@ def run_reference(
     initial_personal = _state(model, personal_keys)
     run = ReferenceRun(shared=_state(model, shared_keys), personal={})
     torch.set_num_threads(cfg.client_threads)
-    for server_round in range(1, (rounds or cfg.num_rounds) + 1):
+    for server_round in range(1, (cfg.num_rounds if rounds is None else rounds) + 1):
         updates, losses, weights = [], [], []
         for client in sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train):
             data = load_client_data(cfg, client)

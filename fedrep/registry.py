@@ -94,6 +94,13 @@ def _dist_name(ep: EntryPoint) -> str:
 BUILTINS = {
     "fedrep": "server.strategies.fedrep:PLUGIN",
     "fedavg": "server.strategies.fedavg:PLUGIN",
+    "fedavg-ft": "server.strategies.baselines:FEDAVG_FT",
+    "fedper": "server.strategies.baselines:FEDPER",
+    "lg-fedavg": "server.strategies.baselines:LG_FEDAVG",
+    "split": "server.strategies.baselines:SPLIT",
+    "local": "server.strategies.baselines:LOCAL",
+    "fedprox": "server.strategies.baselines:FEDPROX",
+    "ditto": "server.strategies.baselines:DITTO",
 }
 
 

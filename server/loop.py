@@ -97,7 +97,7 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     parts = [f"round {server_round:>3}/{cfg.num_rounds}"]
     if "accuracy-mean" in row:
         parts.append(f"acc {row['accuracy-mean']:.4f} ± {row['accuracy-std']:.4f}")
-    if "accuracy-trained-mean" in row:
+    if "accuracy-trained-mean" in row and row.get("eval-untrained", 0) > 0:
         parts.append(f"trained {row['accuracy-trained-mean']:.4f}")
     if "accuracy-finetuned-mean" in row:
         parts.append(f"fine-tuned {row['accuracy-finetuned-mean']:.4f}")

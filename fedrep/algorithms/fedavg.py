@@ -6,8 +6,12 @@ Here mainly as the reference FedRep is measured against; the personalization bas
 
 from __future__ import annotations
 
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
 from fedrep.algorithms.base import ClientUpdateRule
-from fedrep.algorithms.training import Phase
+from fedrep.algorithms.training import EvalResult, Phase
+from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
 
 
@@ -18,3 +22,19 @@ class FedAvgUpdate(ClientUpdateRule):
     def phases(self, model: SplitModel) -> list[Phase]:
         everything = frozenset(name for name, _ in model.named_parameters())
         return [Phase(everything, self.cfg.local_epochs)]
+
+
+class FedAvgFTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finetune_epochs: int = Field(10, ge=0, description="Head epochs on local data before each "
+                                 "evaluation (official FedAvg last round: 10).")
+
+
+class FedAvgFTUpdate(FedAvgUpdate):
+    """FedAvg+FT: FedAvg training; every evaluation first fine-tunes the global model's head on
+    the client's train split (not kept), as the official code's final round does for FedAvg."""
+
+    def evaluate(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> EvalResult:
+        epochs = self.options.finetune_epochs if isinstance(self.options, FedAvgFTOptions) else 10
+        return self.finetune_and_evaluate(model, data, epochs, generator)

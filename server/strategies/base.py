@@ -189,6 +189,6 @@ class SharedAveraging(Strategy):
         # The paper's curves are dominated by clients that have trained at least once; with 10%
         # participation many have not in early rounds, and they still hold the initial head.
         values = [float(m["accuracy"]) for m in trained if "accuracy" in m]
-        if values and len(trained) < len(metrics):
+        if values:
             out["accuracy-trained-mean"] = summarize(values)["mean"]
         return MetricRecord(out)
