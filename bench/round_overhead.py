@@ -72,7 +72,8 @@ def flower_round(args, workdir: Path) -> float:
     run_dir = workdir / "flower-run"
     cmd = [sys.executable, "-m", "fedrep.cli", "run", "--num-clients", str(args.clients),
            "--rounds", "2", "--model", args.model, "--set", f"fraction-train={args.fraction}",
-           "--set", f"run-dir={run_dir}", "--set", f"max-train-per-client={args.max_train}"]
+           "--set", f"run-dir={run_dir}", "--set", f"max-train-per-client={args.max_train}",
+           "--set", "final-finetune-epochs=0"]  # round 2 is the last: no extra fine-tune work
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     return float(RunDir(run_dir).read_metrics()[1]["round-seconds"])

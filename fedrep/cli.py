@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default RUN_DIR/plot.png)")
 
+    comp = sub.add_parser("compare", help="run several strategies on identical splits; one table")
+    comp.add_argument("config", help="comparison file (TOML: strategies, [config], [overrides.*])")
+    comp.add_argument("--out", help="output folder (default runs/compare-<file name>)")
+
     sub.add_parser("strategies", help="list installed strategy plugins")
     sub.add_parser("config", help="list every run-config key with its default and meaning")
     return parser
@@ -181,6 +185,17 @@ def cmd_strategies(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedrep.compare import compare
+
+    path = Path(args.config)
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{path.stem}"
+    table = compare(path, out)
+    print(table.read_text())
+    print(f"results: {out.resolve()}")
+    return 0
+
+
 def cmd_config(_: argparse.Namespace) -> int:
     from fedrep.config import RunConfig
 
@@ -195,7 +210,7 @@ def cmd_config(_: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies,
-                "config": cmd_config}
+                "config": cmd_config, "compare": cmd_compare}
     from fedrep.data.fashion_mnist import DataError
     from fedrep.registry import PluginError
 

@@ -1,0 +1,176 @@
+"""``fedrep compare``: several strategies on identical partitions and seeds, one table, one plot.
+
+A comparison file is TOML::
+
+    strategies = ["fedrep", "fedper", "fedavg"]
+    [config]                 # run-config keys shared by every run (same data split and seed)
+    num-rounds = 100
+    [overrides.fedavg]       # optional, per strategy
+    local-epochs = 1
+
+Each strategy runs as its own ``fedrep run`` (own process, own Ray) into
+``OUT/<strategy>/``. Finished runs are skipped and interrupted ones resumed, so re-running the
+command after a crash continues where it stopped. The table (``results.md`` and ``results.csv``)
+and ``accuracy.png`` go to ``OUT``.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedrep.config import ConfigError, RunConfig, parse_run_config
+from fedrep.results import RunDir
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    strategies: list[str] = Field(min_length=1, description="Strategy plugin names to run.")
+    config: dict[str, Any] = Field(default_factory=dict, description="Shared run-config keys.")
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                 description="Per-strategy run-config keys.")
+
+    @field_validator("strategies")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"strategies {names} list one name twice")
+        return names
+
+
+def load_comparison(path: Path) -> tuple[CompareConfig, dict[str, RunConfig]]:
+    """Parse the file and validate every strategy's full run config before anything runs."""
+    if not path.is_file():
+        raise ConfigError(f"comparison file {path} does not exist")
+    try:
+        spec = CompareConfig.model_validate(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, ValidationError) as err:
+        raise ConfigError(f"comparison file {path}: {err}") from None
+    unknown = set(spec.overrides) - set(spec.strategies)
+    if unknown:
+        raise ConfigError(f"comparison file {path}: overrides for {sorted(unknown)}, which are not "
+                          f"in strategies {spec.strategies}")
+    configs = {}
+    for name in spec.strategies:
+        values = {**spec.config, **spec.overrides.get(name, {}), "strategy": name}
+        configs[name] = parse_run_config(values, f"{path} (strategy {name})")
+    return spec, configs
+
+
+def _run_one(cfg: RunConfig, run_dir: Path) -> float:
+    """Run (or resume) one strategy; seconds it took in this invocation."""
+    from fedrep.config import toml_value
+
+    started = time.perf_counter()
+    if (run_dir / "state.json").is_file():
+        if RunDir(run_dir).state()["status"] == "completed":
+            return 0.0
+        cmd = ["run", "--resume", str(run_dir)]
+    else:
+        cmd = ["run"]
+        for key, value in cfg.to_flower().items():
+            if key not in ("run-dir", "resume"):
+                cmd += ["--set", f"{key}={toml_value(value)}"]
+        cmd += ["--set", f"run-dir={toml_value(str(run_dir))}"]
+    proc = subprocess.run([sys.executable, "-m", "fedrep.cli", *cmd], check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cfg.strategy} failed (exit {proc.returncode}); rerun the same "
+                           "`fedrep compare` to resume it")
+    return time.perf_counter() - started
+
+
+def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
+    rows = run.read_metrics()
+    cfg = run.saved_config()
+    final = next((r for r in reversed(rows) if "accuracy-mean" in r or "loss-mean" in r), {})
+    sent = sum(r.get("bytes-sent", 0) for r in rows)
+    received = sum(r.get("bytes-received", 0) for r in rows)
+    out = {
+        "strategy": name,
+        "rounds": len(rows),
+        "accuracy-mean": final.get("accuracy-mean"),
+        "accuracy-std": final.get("accuracy-std"),
+        "accuracy-finetuned-mean": final.get("accuracy-finetuned-mean"),
+        "loss-mean": final.get("loss-mean"),
+        "wall-seconds": sum(r.get("round-seconds", 0.0) for r in rows),
+        "bytes-per-client": (sent + received) / cfg.num_clients,
+    }
+    if "representation-distance" in final:
+        out["representation-distance"] = final["representation-distance"]
+    return out
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_table(rows: list[dict[str, Any]], out: Path) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| strategy | final mean local acc. ± std | after head fine-tune | rounds | "
+             "wall time (s) | bytes per client |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = (f"{_fmt(r['accuracy-mean'])} ± {_fmt(r['accuracy-std'])}"
+               if r.get("accuracy-mean") is not None else f"loss {_fmt(r.get('loss-mean'))}")
+        if "representation-distance" in r:
+            acc += f" (dist {r['representation-distance']:.2e})"
+        lines.append(f"| {r['strategy']} | {acc} | {_fmt(r.get('accuracy-finetuned-mean'))} | "
+                     f"{r['rounds']} | {_fmt(r['wall-seconds'], 1)} | "
+                     f"{r['bytes-per-client'] / 1e6:.1f} MB |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    metric = "accuracy-mean"
+    for name, run in runs.items():
+        rows = run.read_metrics()
+        if not any(metric in r for r in rows):
+            metric = "representation-distance"
+        pts = [(r["round"], r[metric]) for r in rows if metric in r]
+        ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, label=name)
+    if metric == "representation-distance":
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean local accuracy" if metric == "accuracy-mean" else "distance to B*")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / ("accuracy.png" if metric == "accuracy-mean" else "distance.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(path: Path, out: Path) -> Path:
+    spec, configs = load_comparison(path)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, RunDir] = {}
+    for name in spec.strategies:
+        run_dir = (out / name).resolve()
+        print(f"[fedrep compare] {name} -> {run_dir}", file=sys.stderr, flush=True)
+        _run_one(configs[name], run_dir)
+        runs[name] = RunDir(run_dir)
+    write_table([summarize_run(n, r) for n, r in runs.items()], out)
+    plot_comparison(runs, out)
+    return out / "results.md"
