@@ -100,6 +100,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     if not args.resume and cfg.run_dir and (Path(cfg.run_dir) / "state.json").exists():
         raise ConfigError(f"run-dir {cfg.run_dir} already holds a run; resume it with "
                           f"`fedrep run --resume {cfg.run_dir}` or choose another run-dir")
+    if args.resume:
+        RunDir(cfg.run_dir).check_resumable_with(cfg)
     if not cfg.run_dir:
         run_dir = (Path(cfg.out_dir) / new_run_name(cfg)).resolve()
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})

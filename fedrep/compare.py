@@ -20,10 +20,10 @@ import csv
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedrep.config import ConfigError, RunConfig, parse_run_config

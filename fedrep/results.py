@@ -34,6 +34,10 @@ from fedrep.config import ConfigError, RunConfig, parse_run_config
 from fedrep.files import atomic_write, torch_bytes
 
 CLIENT_STATE = "client-state"
+# Keys that may change when a run is resumed; everything else must match the saved config.
+# (client-threads and cache-head-features are not among them: they change float rounding.)
+RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
+                     "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs"}
 
 
 def new_run_name(cfg: RunConfig) -> str:
@@ -72,6 +76,15 @@ class RunDir:
                 "folder a previous `fedrep run` printed"
             )
         return run
+
+    def check_resumable_with(self, cfg: RunConfig) -> None:
+        """Refuse to continue this run under a different setup (it would not be one run)."""
+        saved, given = self.saved_config().to_flower(), cfg.to_flower()
+        changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != given[k])
+        if changed:
+            diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
+            raise ConfigError(f"cannot resume {self.path} with a different setup ({diffs}); only "
+                              f"{sorted(RESUMABLE_CHANGES)} may change")
 
     def saved_config(self) -> RunConfig:
         data = json.loads((self.path / "config.json").read_text())

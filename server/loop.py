@@ -15,18 +15,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from fedrep.config import ConfigError, RunConfig
+from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.registry import get_strategy
 from fedrep.results import RunDir
 from server.records import from_record, to_record
-
-# Keys that may change when a run is resumed; everything else must match the saved config.
-# (client-threads and cache-head-features are not among them: they change float rounding.)
-RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
-                     "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs"}
 
 
 class AuditingGrid:
@@ -76,13 +71,7 @@ def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
         run, cfg = RunDir.create(cfg)
         return run, cfg, 0
     run = RunDir.open(cfg.run_dir)
-    saved = run.saved_config().to_flower()
-    given = cfg.to_flower()
-    changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != given[k])
-    if changed:
-        diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
-        raise ConfigError(f"cannot resume {run.path} with a different setup ({diffs}); only "
-                          f"{sorted(RESUMABLE_CHANGES)} may change")
+    run.check_resumable_with(cfg)
     last = run.last_completed_round()
     run.truncate_metrics(last)
     cfg = cfg.model_copy(update={"run_dir": str(run.path)})
