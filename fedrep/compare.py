@@ -116,6 +116,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with (out / "results.csv").open("w", newline="") as fh:
@@ -131,7 +138,7 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
             acc += f" (dist {r['representation-distance']:.2e})"
         lines.append(f"| {r['strategy']} | {acc} | {_fmt(r.get('accuracy-finetuned-mean'))} | "
                      f"{r['rounds']} | {_fmt(r['wall-seconds'], 1)} | "
-                     f"{r['bytes-per-client'] / 1e6:.1f} MB |")
+                     f"{_bytes(r['bytes-per-client'])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -91,7 +91,7 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     if "accuracy-finetuned-mean" in row:
         parts.append(f"fine-tuned {row['accuracy-finetuned-mean']:.4f}")
     if "train-loss" in row and not math.isnan(row["train-loss"]):
-        parts.append(f"train-loss {row['train-loss']:.4f}")
+        parts.append(f"train-loss {row['train-loss']:.4g}")
     if "representation-distance" in row:
         parts.append(f"dist(B,B*) {row['representation-distance']:.2e}")
     parts.append(f"{row['round-seconds']:.1f}s/round, eta {eta:.0f}s")
