@@ -7,6 +7,7 @@ loaded once; a message costs only the local update.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -15,9 +16,9 @@ from flwr.clientapp import ClientApp
 
 from clients.state import load_personal, save_personal
 from fedrep.algorithms.base import ClientUpdateRule
-from fedrep.algorithms.training import EVAL, FINETUNE, round_generator
+from fedrep.algorithms.training import EVAL, FINETUNE, TRAIN, round_generator
 from fedrep.config import RunConfig, parse_run_config
-from fedrep.data.federated import load_client_data
+from fedrep.data.federated import ClientData, load_client_data
 from fedrep.models import build_model
 from fedrep.models.base import SplitModel
 from fedrep.registry import get_strategy
@@ -56,8 +57,26 @@ def _partition(context: Context) -> int:
                            "--node-config 'partition-id=N num-partitions=M'") from None
 
 
-def _prepare(msg: Message, context: Context, after_training: bool
-             ) -> tuple[RunConfig, ClientUpdateRule, SplitModel, int, int, str, str]:
+@dataclass(frozen=True)
+class Job:
+    """One message's work, with the model loaded and ready."""
+
+    cfg: RunConfig
+    rule: ClientUpdateRule
+    model: SplitModel
+    partition: int
+    server_round: int
+    run_dir: str
+    restored: str  # where the personal part came from: fresh | node-state | file
+
+    def data(self) -> ClientData:
+        return load_client_data(self.cfg, self.partition, device_for(self.cfg))
+
+    def generator(self, purpose: int) -> torch.Generator:
+        return round_generator(self.cfg.seed, self.server_round, self.partition, purpose)
+
+
+def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     """Load shared (from the message) + personal (from my state) parameters into the model.
 
     Training in round r restores the newest personal version from a round < r; evaluation runs
@@ -76,7 +95,7 @@ def _prepare(msg: Message, context: Context, after_training: bool
     if personal is None:
         personal = {k: initial[k] for k in rule.personal_keys(model)}
     model.load_state_dict({**shared, **personal})
-    return cfg, rule, model, pid, server_round, run_dir, source
+    return Job(cfg, rule, model, pid, server_round, run_dir, source)
 
 
 @app.query()
@@ -93,37 +112,38 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, rule, model, pid, server_round, run_dir, source = _prepare(msg, context, after_training=False)
-    data = load_client_data(cfg, pid, device_for(cfg))
-    result = rule.fit(model, data, round_generator(cfg.seed, server_round, pid))
+    job = _prepare(msg, context, after_training=False)
+    rule, model = job.rule, job.model
+    result = rule.fit(model, job.data(), job.generator(TRAIN))
     state = model.state_dict()
-    save_personal(context, run_dir, pid, server_round, {k: state[k] for k in rule.personal_keys(model)})
+    save_personal(context, job.run_dir, job.partition, job.server_round,
+                  {k: state[k] for k in rule.personal_keys(model)})
     shared = ArrayRecord({k: state[k] for k in rule.shared_keys(model)})
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.loss,
-        "partition-id": pid,
+        "partition-id": job.partition,
         "local-steps": result.steps,
-        "personal-restored": RESTORED_CODE[source],
+        "personal-restored": RESTORED_CODE[job.restored],
     })
     return Message(RecordDict({"arrays": shared, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, rule, model, pid, server_round, _, source = _prepare(msg, context, after_training=True)
-    data = load_client_data(cfg, pid, device_for(cfg))
-    metrics: dict[str, int | float] = {"num-examples": data.num_test, "partition-id": pid,
-                                       "personal-restored": RESTORED_CODE[source]}
+    job = _prepare(msg, context, after_training=True)
+    data = job.data()
+    metrics: dict[str, int | float] = {"num-examples": data.num_test, "partition-id": job.partition,
+                                       "personal-restored": RESTORED_CODE[job.restored]}
     if data.num_test == 0:
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     finetune = int(msg.content["config"].get("finetune-epochs", 0))
-    loaded = {k: v.clone() for k, v in model.state_dict().items()} if finetune > 0 else {}
-    results = {"": rule.evaluate(model, data, round_generator(cfg.seed, server_round, pid, EVAL))}
+    loaded = {k: v.clone() for k, v in job.model.state_dict().items()} if finetune > 0 else {}
+    results = {"": job.rule.evaluate(job.model, data, job.generator(EVAL))}
     if finetune > 0:
-        model.load_state_dict(loaded)  # rule.evaluate may have fine-tuned in place
-        gen = round_generator(cfg.seed, server_round, pid, FINETUNE)
-        results["-finetuned"] = rule.finetune_and_evaluate(model, data, finetune, gen)
+        job.model.load_state_dict(loaded)  # rule.evaluate may have fine-tuned in place
+        results["-finetuned"] = job.rule.finetune_and_evaluate(job.model, data, finetune,
+                                                               job.generator(FINETUNE))
     for suffix, result in results.items():
         metrics[f"loss{suffix}"] = result.loss
         if result.accuracy is not None:
