@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedrep: error: {err}", file=sys.stderr)
         return 2
     except (RunFailed, RuntimeError) as err:  # the run started but did not complete
-        print(f"fedrep: run failed: {err}", file=sys.stderr)
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"fedrep: run failed: {err} (add -v for the traceback)", file=sys.stderr)
         if err.__cause__ is not None:
             print(f"  caused by: {type(err.__cause__).__name__}: {err.__cause__}", file=sys.stderr)
         return 1
