@@ -11,6 +11,15 @@ from server.records import from_record, to_record
 from server.strategies.base import SharedAveraging
 
 
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch: pytest.MonkeyPatch):
+    """Messages are stamped with the process's task identity, as in a running ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
 def _reply(arrays: dict, metrics: dict) -> Message:
     """A message with a reply's content (the hooks read only content and error state)."""
     content = RecordDict({"metrics": MetricRecord(metrics)})
