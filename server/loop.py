@@ -134,7 +134,7 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         row.update(dict(train_metrics or {}))
         row["bytes-sent"] = record.count_bytes() * len(train_msgs)
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
-            eval_record = to_record(arrays)
+            eval_record = new_arrays  # the aggregate, already a record
             eval_config = ConfigRecord({"run-dir": str(run.path)})
             if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
                 eval_config["finetune-epochs"] = cfg.final_finetune_epochs
