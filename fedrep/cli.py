@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="run several strategies on identical splits; one table")
     comp.add_argument("config", help="comparison file (TOML: strategies, [config], [overrides.*])")
     comp.add_argument("--out", help="output folder (default runs/compare-<file name>)")
+    comp.add_argument("--only", help="comma-separated subset of the file's strategies to run now; "
+                      "the table still lists every finished one")
 
     sub.add_parser("strategies", help="list installed strategy plugins")
     sub.add_parser("config", help="list every run-config key with its default and meaning")
@@ -193,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     path = Path(args.config)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{path.stem}"
-    table = compare(path, out)
+    table = compare(path, out, [n.strip() for n in args.only.split(",")] if args.only else None)
     print(table.read_text())
     print(f"results: {out.resolve()}")
     return 0

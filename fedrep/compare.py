@@ -70,9 +70,9 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
     from fedrep.config import toml_value
 
     started = time.perf_counter()
+    if _completed(run_dir):
+        return 0.0
     if (run_dir / "state.json").is_file():
-        if RunDir(run_dir).state()["status"] == "completed":
-            return 0.0
         cmd = ["run", "--resume", str(run_dir)]
     else:
         cmd = ["run"]
@@ -169,15 +169,30 @@ def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
     return path
 
 
-def compare(path: Path, out: Path) -> Path:
+def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
+    """Run the file's strategies (or just ``only``) and tabulate every finished one.
+
+    ``only`` lets a long comparison be spread over several sessions or machines; the table always
+    covers each strategy of the file whose run folder under ``out`` has completed.
+    """
     spec, configs = load_comparison(path)
+    if only:
+        unknown = sorted(set(only) - set(spec.strategies))
+        if unknown:
+            raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({spec.strategies})")
     out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, RunDir] = {}
     for name in spec.strategies:
+        if only and name not in only:
+            continue
         run_dir = (out / name).resolve()
         print(f"[fedrep compare] {name} -> {run_dir}", file=sys.stderr, flush=True)
         _run_one(configs[name], run_dir)
-        runs[name] = RunDir(run_dir)
+    runs = {name: RunDir((out / name).resolve()) for name in spec.strategies
+            if _completed(out / name)}
     write_table([summarize_run(n, r) for n, r in runs.items()], out)
     plot_comparison(runs, out)
     return out / "results.md"
+
+
+def _completed(run_dir: Path) -> bool:
+    return (run_dir / "state.json").is_file() and RunDir(run_dir).state()["status"] == "completed"

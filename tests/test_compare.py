@@ -37,7 +37,12 @@ def test_compare_runs_writes_table_and_resumes(tmp_path: Path):
         'dataset = "linear-synthetic"\nmodel = "linear"\nnum-clients = 10\nfraction-train = 1.0\n'
         'num-rounds = 4\nlr = 0.05\nmomentum = 0.0\nweight-decay = 0.0\nfinal-finetune-epochs = 0\n')
     out = tmp_path / "cmp"
-    proc = fedrep_cli("compare", str(spec), "--out", str(out), timeout=400)
+    partial = fedrep_cli("compare", str(spec), "--out", str(out), "--only", "fedrep,local", timeout=300)
+    assert "| fedrep |" in partial.stdout and "| fedavg |" not in partial.stdout
+    assert not (out / "fedavg").exists()
+    bad = fedrep_cli("compare", str(spec), "--out", str(out), "--only", "fedbabu", check=False)
+    assert bad.returncode == 2 and "--only ['fedbabu']" in bad.stderr
+    proc = fedrep_cli("compare", str(spec), "--out", str(out), timeout=300)  # runs fedavg only
     table = (out / "results.md").read_text()
     assert table in proc.stdout
     for name in ("fedrep", "fedavg", "local"):
