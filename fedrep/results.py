@@ -8,6 +8,7 @@
       metrics.jsonl        one JSON object per completed round
       metrics.csv          the same, as a table (rewritten each round)
       messages.jsonl       every reply the server received: round, kind, partition, array keys, bytes
+      events.jsonl         membership changes: a node lost, a node back (with or without its head)
       checkpoints/round-NNNN.pt   the global shared parameters after round NNNN
       client-state/        per-partition personal parameters, written by the clients themselves
       plot.png             accuracy and loss over rounds
@@ -20,6 +21,7 @@ lines past that round.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -143,9 +145,9 @@ class RunDir:
         """Drop metric rows (and message audit rows) of rounds that never completed."""
         kept = [row for row in self.read_metrics() if row["round"] <= last_round]
         atomic_write(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        kept_audit = [r for r in self.read_audit() if r["round"] <= last_round]
-        atomic_write(self.path / "messages.jsonl",
-                     "".join(json.dumps(r) + "\n" for r in kept_audit).encode())
+        for name, rows in (("messages.jsonl", self.read_audit()), ("events.jsonl", self.read_events())):
+            kept_rows = [r for r in rows if r["round"] <= last_round]
+            atomic_write(self.path / name, "".join(json.dumps(r) + "\n" for r in kept_rows).encode())
         self._write_csv(kept)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
@@ -157,11 +159,11 @@ class RunDir:
         columns: list[str] = []
         for row in rows:
             columns += [k for k in row if k not in columns]
-        path = self.path / "metrics.csv"
-        with path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path / "metrics.csv", text.getvalue().encode())  # readers never see half a table
 
     def append_audit(self, rows: list[Mapping[str, Any]]) -> None:
         with (self.path / "messages.jsonl").open("a") as fh:
@@ -169,10 +171,21 @@ class RunDir:
                 fh.write(json.dumps(dict(row)) + "\n")
 
     def read_audit(self) -> list[dict[str, Any]]:
-        path = self.path / "messages.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(x) for x in path.read_text().splitlines() if _is_json(x)]
+        return _read_jsonl(self.path / "messages.jsonl")
+
+    def append_events(self, events: list[Mapping[str, Any]]) -> None:
+        with (self.path / "events.jsonl").open("a") as fh:
+            for event in events:
+                fh.write(json.dumps(dict(event)) + "\n")
+
+    def read_events(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path / "events.jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if _is_json(x)]
 
 
 def _is_json(line: str) -> bool:

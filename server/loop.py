@@ -98,6 +98,15 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
 
 
+def _describe(event: dict[str, Any]) -> str:
+    where = f"round {event['round']}: partition {event.get('partition')} (node {event.get('node')})"
+    if event["event"] == "node-lost":
+        return f"{where} lost: {event.get('reason')}"
+    if event["event"] == "node-rejoined":
+        return f"{where} rejoined (lost in round {event.get('lost_in_round')}); head {event.get('head')}"
+    return f"{where}: {event['event']}"
+
+
 def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
     run, cfg, last = _open_run(cfg)
     plugin = get_strategy(cfg.strategy)
@@ -145,14 +154,19 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
             row["bytes-sent"] += eval_record.count_bytes() * len(eval_msgs)
         if b_star is not None and "body.weight" in arrays:
             row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
+        events = strategy.drain_events() if hasattr(strategy, "drain_events") else []
+        row["nodes-lost"] = len(getattr(strategy, "lost", {}))
         audit_rows = audit.drain()
         row["bytes-received"] = sum(r["bytes"] for r in audit_rows)
         row["round-seconds"] = time.perf_counter() - t0
         run.save_checkpoint(server_round, arrays)
         run.append_audit(audit_rows)
+        run.append_events(events)
         run.append_metrics(row)
         run.write_state(server_round, "running")
         _progress(cfg, server_round, row, started, last + 1)
+        for event in events:
+            print(f"[fedrep] {_describe(event)}", file=sys.stderr, flush=True)
     run.write_state(cfg.num_rounds, "completed")
     plot = plot_run(run.path)
     print(f"[fedrep] done: metrics {run.metrics_file}, plot {plot}", file=sys.stderr, flush=True)

@@ -74,3 +74,35 @@ def test_two_nodes_cannot_share_a_partition():
     strategy._register(11, MetricRecord({"partition-id": 1, "num-partitions": 3}))
     with pytest.raises(RuntimeError, match="both claim partition-id 1"):
         strategy._register(12, MetricRecord({"partition-id": 1, "num-partitions": 3}))
+
+
+def _error_reply(node: int, code: int, reason: str) -> Message:
+    from flwr.app import Error
+
+    sent = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(Error(code=code, reason=reason), reply_to=sent)
+
+
+def test_membership_log_names_lost_node_and_how_it_came_back():
+    from flwr.common.constant import ErrorCode
+
+    strategy = SharedAveraging(parse_run_config({"num-clients": 3}))
+    for node, pid in ((11, 0), (12, 1), (13, 2)):
+        strategy._register(node, MetricRecord({"partition-id": pid, "num-partitions": 3}))
+    weights = {"w": np.ones(2, np.float32)}
+    ok = _reply(weights, {"num-examples": 10, "train-loss": 1.0, "partition-id": 0, "personal-restored": 1})
+    strategy.server_round = 2
+    strategy.aggregate_train(2, [ok, _error_reply(12, ErrorCode.NODE_UNAVAILABLE, "node unavailable"),
+                                 _error_reply(13, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "bug")])
+    lost = strategy.drain_events()
+    # Only the unreachable node counts as lost; a client that raised is a failure, not a departure.
+    assert [(e["event"], e["partition"], e["node"]) for e in lost] == [("node-lost", 1, 12)]
+    assert strategy.drain_events() == []
+    strategy.server_round = 5
+    back = _reply(weights, {"num-examples": 10, "train-loss": 1.0, "partition-id": 1,
+                            "personal-restored": 2})  # came back with its head file
+    strategy.aggregate_train(5, [back])
+    (event,) = strategy.drain_events()
+    assert event == {"round": 5, "event": "node-rejoined", "node": back.metadata.src_node_id,
+                     "partition": 1, "lost_in_round": 2, "head": "restored from its state file"}
+    assert strategy.lost == {}

@@ -8,7 +8,9 @@ A Flower ``Strategy`` (message API) with three changes from ``flwr``'s stock ``F
 * it learns each node's partition id with one ``query`` message the first time it sees the node,
   so nodes that join later (deployment) are picked up;
 * evaluation reports the paper's metric, the unweighted mean of local accuracies, with its
-  spread, instead of a sample-weighted average.
+  spread, instead of a sample-weighted average;
+* it keeps a membership log (``events``): which partition's node was lost and when, and, when
+  it answers again, whether it came back with its personal parameters or had to start fresh.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -37,6 +40,11 @@ from server.records import from_record, to_record
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
+# Error codes meaning "the node (or its ClientApp process) is gone", not "the client code failed".
+NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)
+# How a client got its personal part back (clients/app.py RESTORED_CODE), as the log says it.
+HEAD_ON_RETURN = {0: "fresh: its saved state did not survive", 1: "intact in node state",
+                  2: "restored from its state file"}
 
 
 class SharedAveraging(Strategy):
@@ -48,6 +56,9 @@ class SharedAveraging(Strategy):
         self.query_timeout = query_timeout
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.last_failures: list[tuple[int, str]] = []
+        self.events: list[dict[str, object]] = []  # drained by the round loop into events.jsonl
+        self.lost: dict[int, int] = {}  # partition id -> round it was lost in
+        self.server_round = 0
         self._waited = False
 
     # -- who is out there ------------------------------------------------------------------
@@ -80,8 +91,8 @@ class SharedAveraging(Strategy):
         else:
             connected = self.wait_for_nodes(grid)
             self._waited = True
-        for gone in set(self.partition_of) - connected:
-            log(WARNING, "node %s (partition %s) left", gone, self.partition_of.pop(gone))
+        for gone in sorted(set(self.partition_of) - connected):
+            self._lose(gone, self.partition_of.pop(gone), "disconnected from the SuperLink")
         new = sorted(connected - set(self.partition_of))
         if new:
             question = RecordDict({CONFIG: ConfigRecord({"ask": PARTITION_ID})})
@@ -109,6 +120,31 @@ class SharedAveraging(Strategy):
             raise RuntimeError(f"nodes {owner} and {node} both claim partition-id {pid}")
         self.partition_of[node] = pid
 
+    # -- membership log --------------------------------------------------------------------------
+    def _event(self, kind: str, **info: object) -> None:
+        event = {"round": self.server_round, "event": kind, **info}
+        self.events.append(event)
+        details = ", ".join(f"{k} {v}" for k, v in info.items())
+        log(WARNING if kind == "node-lost" else INFO, "round %d: %s (%s)", self.server_round, kind, details)
+
+    def _lose(self, node: int, partition: int | None, reason: str) -> None:
+        if partition is None or partition in self.lost:
+            return
+        self.lost[partition] = self.server_round
+        self._event("node-lost", node=node, partition=partition, reason=reason)
+
+    def _returned(self, node: int, metrics: MetricRecord) -> None:
+        partition = int(metrics.get(PARTITION_ID, -1))
+        if partition not in self.lost:
+            return
+        since = self.lost.pop(partition)
+        head = HEAD_ON_RETURN.get(int(metrics.get("personal-restored", 0)), "unknown")
+        self._event("node-rejoined", node=node, partition=partition, lost_in_round=since, head=head)
+
+    def drain_events(self) -> list[dict[str, object]]:
+        events, self.events = self.events, []
+        return events
+
     def _nodes_for(self, partitions: Iterable[int]) -> list[int]:
         node_of = {pid: node for node, pid in self.partition_of.items()}
         return [node_of[pid] for pid in partitions]
@@ -127,6 +163,7 @@ class SharedAveraging(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self.server_round = server_round
         known = self.discover(grid)
         chosen = sample_clients(self.cfg.seed, server_round, known.values(), self.cfg.fraction_train)
         config["server-round"] = server_round
@@ -135,10 +172,14 @@ class SharedAveraging(Strategy):
     def _split_replies(self, replies: Iterable[Message]) -> list[Message]:
         ok, self.last_failures = [], []
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                self.last_failures.append((reply.metadata.src_node_id, reply.error.reason))
-                log(WARNING, "node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                self.last_failures.append((node, reply.error.reason))
+                log(WARNING, "node %s failed: %s", node, reply.error.reason)
+                if reply.error.code in NODE_GONE:
+                    self._lose(node, self.partition_of.get(node), reply.error.reason)
             else:
+                self._returned(node, reply.content[METRICS])
                 ok.append(reply)
         # Arrival order is arbitrary; floating-point sums are not associative. Sorting by
         # partition makes aggregation bitwise reproducible (and resumed runs exact).
