@@ -63,9 +63,9 @@ def register(flwr_home: Path, key: Path) -> str:
     text = proc.stdout + proc.stderr
     if ALREADY in text:
         return "already registered"
-    try:
-        reply = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
+    try:  # `--format json` prints one (pretty-printed) JSON object on stdout
+        reply = json.loads(proc.stdout[proc.stdout.index("{"):])
+    except ValueError:
         reply = {}
     if proc.returncode != 0 or not reply.get("success"):
         raise RuntimeError(f"registering {key} failed (exit {proc.returncode}): {text.strip()[-800:]}")

@@ -34,6 +34,7 @@ STATE = "/app/state"
 DATA = "/app/data"
 RUNS = "/app/runs"
 DATA_HOST = "${FEDREP_DATA_HOST_DIR:-/usr/share/datasets/fashion-mnist}"
+APP_DEPLOY = "/app/deploy"  # the deploy/ scripts inside the app image
 RESULTS_VOLUME = "fedrep-results"
 LINK_VOLUME = "superlink-state"
 
@@ -122,7 +123,7 @@ def build_services(num_nodes: int, secure: bool = True) -> list[Service]:
         ),
     ]
     register_args: tuple[str, ...] = (
-        "/app/deploy/register_supernodes.py", "--superlink", f"superlink:{LINK_PORT}",
+        f"{APP_DEPLOY}/register_supernodes.py", "--superlink", f"superlink:{LINK_PORT}",
         *_trust(secure), "--keys", "/app/public-keys")
     if not secure:
         register_args = ("-c", "print('insecure deployment: SuperNode authentication is off')")
@@ -206,8 +207,7 @@ def render_compose(num_nodes: int, secure: bool = True) -> str:
            "#   docker compose -f docker-compose.yml -f docker-compose.insecure.yml up -d --build\n"))
     doc = compose_document(build_services(num_nodes, secure))
     if not secure:  # an override file: only what differs, and no secrets mounted
-        doc = {"services": {name: {"command": spec["command"], "volumes": spec.get("volumes", [])}
-                            for name, spec in doc["services"].items()}}
+        doc = {"services": {name: {"command": spec["command"]} for name, spec in doc["services"].items()}}
     return header + yaml.safe_dump(doc, sort_keys=False, width=200)
 
 
@@ -220,6 +220,7 @@ class LocalLayout:
     data: Path  # Fashion-MNIST IDX files
     volumes: Path  # one sub-folder per named volume
     roots: Path  # one sub-folder per service, standing in for its /app
+    deploy_scripts: Path = Path(__file__).resolve().parent  # what the image copies to /app/deploy
 
 
 def _host_path(mount: Mount, layout: LocalLayout) -> Path:
@@ -233,15 +234,21 @@ def _host_path(mount: Mount, layout: LocalLayout) -> Path:
     raise ValueError(f"no host location for mount {mount.compose()}")
 
 
-def local_process(svc: Service, layout: LocalLayout) -> tuple[list[str], Path, dict[str, str]]:
+def local_process(svc: Service, layout: LocalLayout, same_host: list[Service] = ()
+                  ) -> tuple[list[str], Path, dict[str, str]]:
     """(argv, working folder, environment) to run ``svc`` on a plain host.
 
     Container paths in the arguments become host paths; mounts under the working folder become
-    symlinks inside the service's stand-in root. Host names (``superlink``, ``supernode-I``) are
-    unchanged: the host must resolve them (``/etc/hosts``, or per-namespace hosts files)."""
+    symlinks inside the service's stand-in root. A path that only a neighbour on the same host
+    mounts maps to that neighbour's folder: the SuperNode's ``state-dir`` is read by the
+    ClientApp its SuperExec spawns. Host names (``superlink``, ``supernode-I``) are unchanged:
+    the host must resolve them (``/etc/hosts``, or per-namespace hosts files)."""
     root = layout.roots / svc.name
     root.mkdir(parents=True, exist_ok=True)
-    mapping = {}
+    mapping = {APP_DEPLOY: str(layout.deploy_scripts)}
+    for other in same_host:
+        if other.host == svc.host and other.name != svc.name:
+            mapping.update({m.target: str(_host_path(m, layout)) for m in other.mounts})
     for mount in svc.mounts:
         host = _host_path(mount, layout)
         host.mkdir(parents=True, exist_ok=True)

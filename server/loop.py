@@ -38,12 +38,16 @@ class AuditingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
+        messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
+        # SuperLink as sender, so name the node the answered message went to.
+        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
             row: dict[str, Any] = {
                 "round": self.server_round,
                 "kind": reply.metadata.message_type,
-                "node": reply.metadata.src_node_id,
+                "node": dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
                 "error": reply.error.reason if reply.has_error() else None,
                 "arrays": [],
                 "bytes": 0,

@@ -59,6 +59,7 @@ class SharedAveraging(Strategy):
         self.events: list[dict[str, object]] = []  # drained by the round loop into events.jsonl
         self.lost: dict[int, int] = {}  # partition id -> round it was lost in
         self.server_round = 0
+        self._sent: list[Message] = []
         self._waited = False
 
     # -- who is out there ------------------------------------------------------------------
@@ -153,7 +154,17 @@ class SharedAveraging(Strategy):
         self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
     ) -> list[Message]:
         content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return [Message(content, dst_node_id=node, message_type=kind) for node in nodes]
+        self._sent = [Message(content, dst_node_id=node, message_type=kind) for node in nodes]
+        return list(self._sent)
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply is about. Errors the SuperLink makes up for a vanished node carry the
+        SuperLink as sender; the message they answer names the node (its id is set once sent)."""
+        if reply.has_error():
+            for sent in self._sent:
+                if sent.metadata.message_id == reply.metadata.reply_to_message_id:
+                    return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     # -- Flower Strategy hooks ---------------------------------------------------------------
     def summary(self) -> None:
@@ -172,7 +183,7 @@ class SharedAveraging(Strategy):
     def _split_replies(self, replies: Iterable[Message]) -> list[Message]:
         ok, self.last_failures = [], []
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             if reply.has_error():
                 self.last_failures.append((node, reply.error.reason))
                 log(WARNING, "node %s failed: %s", node, reply.error.reason)
