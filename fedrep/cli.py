@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="'simulation': Flower's Simulation Runtime in this process (default); "
                           "'flwr': drive `flwr run` against a local SuperLink")
     run.add_argument("--app", default=".", help="Flower app folder for --engine flwr")
+    run.add_argument("--superlink", metavar="CONNECTION",
+                     help="with --engine flwr: submit to this deployed SuperLink (a connection in "
+                          "$FLWR_HOME/config.toml, see deploy/README.md) instead of a local one")
     run.add_argument("-v", "--verbose", action="store_true", help="Flower debug logs")
 
     plot = sub.add_parser("plot", help="(re)draw a run's plot")
@@ -82,8 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_run_config(args: argparse.Namespace) -> RunConfig:
-    """Merge defaults, file, flags and --set into one validated config with run-dir decided."""
+def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfig:
+    """Merge defaults, file, flags and --set into one validated config with run-dir decided.
+
+    ``local=False`` (a deployed SuperLink): the run folder is a path on the ServerApp's host,
+    kept relative so that it lands under the executor's working folder (its results volume)."""
     from fedrep.results import RunDir, new_run_name
 
     values: dict[str, Any] = {}
@@ -106,7 +113,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         RunDir(cfg.run_dir).check_resumable_with(cfg)
     if not cfg.run_dir:
-        run_dir = (Path(cfg.out_dir) / new_run_name(cfg)).resolve()
+        run_dir = Path(cfg.out_dir) / new_run_name(cfg)
+        run_dir = run_dir.resolve() if local else run_dir
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
     return cfg
 
@@ -147,7 +155,56 @@ def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
         raise RunFailed(f"the Flower run did not complete; see the log above and {run.path}")
 
 
+def _flwr_submit(cfg: RunConfig, app: str, connection: str) -> None:
+    """Run on a deployment: submit, stream the run's log, and report how the SuperLink says it
+    ended (``flwr run --stream`` exits 0 even when the ServerApp fails)."""
+    import json
+
+    from fedrep.config import toml_value
+
+    flwr = shutil.which("flwr")
+    if flwr is None:
+        raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
+    overrides: list[str] = []
+    for key, value in cfg.to_flower().items():
+        overrides += ["--run-config", f"{key}={toml_value(value)}"]
+    submitted = subprocess.run([flwr, "run", app, connection, "--format", "json", *overrides],
+                               capture_output=True, text=True, check=False)
+    try:
+        run_id = str(json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"])
+    except (ValueError, KeyError):
+        raise RunFailed(f"`flwr run {app} {connection}` did not start a run:\n"
+                        f"{(submitted.stdout + submitted.stderr).strip()[-2000:]}") from None
+    print(f"[fedrep] run {run_id} submitted to {connection}; results go to {cfg.run_dir} on the "
+          "ServerApp's host (Ctrl-C stops watching; the run goes on)", file=sys.stderr, flush=True)
+    subprocess.run([flwr, "log", run_id, connection, "--stream"], check=False)
+    status, details = "unknown", ""
+    for _ in range(60):  # the log stream can end a moment before the status is final
+        listed = subprocess.run([flwr, "ls", connection, "--run-id", run_id, "--format", "json"],
+                                capture_output=True, text=True, check=False)
+        try:
+            row = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"][0]
+            status, details = row["status"], row.get("status-details", "")
+        except (ValueError, KeyError, IndexError):
+            pass
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    if status != "finished:completed":
+        raise RunFailed(f"run {run_id} on {connection} ended {status}: {details}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.superlink:
+        if args.engine != "flwr":
+            raise ConfigError("--superlink needs --engine flwr (the simulation runs in this process)")
+        cfg = resolve_run_config(args, local=False)
+        from fedrep.registry import get_strategy
+
+        get_strategy(cfg.strategy)  # the data lives on the nodes; they check it when queried
+        _flwr_submit(cfg, args.app, args.superlink)
+        print(f"results: {cfg.run_dir} on the ServerApp's host (compose: the fedrep-results volume)")
+        return 0
     cfg = resolve_run_config(args)
     preflight(cfg)
     if args.engine == "flwr":

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,13 +122,18 @@ def _events(run_dir: Path) -> list[dict]:
 
 def test_fedrep_survives_lost_nodes_and_takes_them_back(cluster: NetnsCluster):
     env = _cli_env(cluster)
-    run_config = (f'num-clients={NODES} num-rounds={ROUNDS} max-train-per-client=120 max-test-per-client=60 '
-                  f'head-epochs=2 fraction-train=1.0 fraction-evaluate=1.0 eval-every={ROUNDS} '
-                  f'final-finetune-epochs=1 wait-for-clients=60 run-dir="runs/{RUN_NAME}"')
-    submitted = subprocess.run(["flwr", "run", str(REPO), CONNECTION, "--run-config", run_config,
-                                "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    run_id = json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"]
+    settings = {"num-clients": NODES, "num-rounds": ROUNDS, "max-train-per-client": 120,
+                "max-test-per-client": 60, "head-epochs": 2, "fraction-train": 1.0,
+                "fraction-evaluate": 1.0, "eval-every": ROUNDS, "final-finetune-epochs": 1,
+                "wait-for-clients": 60, "run-dir": f'"runs/{RUN_NAME}"'}
+    # The user's route: `fedrep run` submits to the deployment and follows the run to its end.
+    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--engine", "flwr", "--superlink", CONNECTION,
+           "--app", str(REPO)]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    user_log = cluster.logs / "fedrep-run.log"
+    with user_log.open("w") as sink:  # a file, not a pipe: the streamed run log can be long
+        user = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     run_dir = _run_dir(cluster)
 
     # A round with everyone, then nodes 2 and 3 die (SIGKILL, with their ClientApp executors);
@@ -145,17 +151,11 @@ def test_fedrep_survives_lost_nodes_and_takes_them_back(cluster: NetnsCluster):
         cluster.start(f"supernode-{i}")
         cluster.start(f"superexec-clientapp-{i}")
 
-    def status() -> str:
-        ls = subprocess.run(["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-                            env=env, capture_output=True, text=True, timeout=60)
-        return json.loads(ls.stdout[ls.stdout.index("{"):])["runs"][0]["status"]
-
-    # Watch the results volume (each `flwr ls` costs a CPU-second of CLI start-up), then ask
-    # the SuperLink how the run ended.
-    _wait(lambda: '"completed"' in (run_dir / "state.json").read_text(), "the run to complete", 400,
-          cluster)
-    _wait(lambda: status().startswith("finished"), "the SuperLink to close the run", 60, cluster)
-    assert status() == "finished:completed"
+    # `fedrep run` returns once the SuperLink reports the run finished, with the run's log.
+    user.wait(timeout=400)
+    output = user_log.read_text()
+    assert user.returncode == 0, output[-3000:]
+    assert f"results: runs/{RUN_NAME} on the ServerApp's host" in output
 
     # The run completed every round; nothing it wrote is torn.
     rows = _metrics(run_dir)
