@@ -21,7 +21,7 @@ from fedrep.config import RunConfig, parse_run_config
 from fedrep.data.federated import ClientData, load_client_data
 from fedrep.models import build_model
 from fedrep.models.base import SplitModel
-from fedrep.registry import get_strategy
+from fedrep.registry import client_actions, get_strategy
 
 app = ClientApp()
 # Reported in every reply so the server can tell trained clients from untouched ones.
@@ -38,12 +38,22 @@ def device_for(cfg: RunConfig) -> str:
     return "cuda" if cfg.client_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
+def limit_gpu_memory(cfg: RunConfig) -> None:
+    """Hold this client to its share of the GPU. Ray's fractional ``client-gpus`` only counts:
+    0.25 lets four clients onto one GPU but stops none of them from filling its memory. PyTorch's
+    allocator cap makes a client that outgrows its share fail alone, with an out-of-memory error,
+    instead of the neighbours it would starve. CPU runs and whole GPUs are left alone."""
+    if 0 < cfg.client_gpus < 1 and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(cfg.client_gpus, torch.cuda.current_device())
+
+
 @lru_cache(maxsize=4)
 def _setup(frozen_config: tuple) -> tuple[RunConfig, ClientUpdateRule, SplitModel, dict]:
     cfg = parse_run_config(dict(frozen_config), "Flower run config (client)")
     rule = get_strategy(cfg.strategy).client_rule(cfg)
     model = rule.prepare_model(build_model(cfg))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    limit_gpu_memory(cfg)
     model.to(device_for(cfg))
     torch.set_num_threads(cfg.client_threads)
     return cfg, rule, model, initial
@@ -127,6 +137,35 @@ def train(msg: Message, context: Context) -> Message:
         "personal-restored": RESTORED_CODE[job.restored],
     })
     return Message(RecordDict({"arrays": shared, "metrics": metrics}), reply_to=msg)
+
+
+def _action_handler(action: str):
+    """A ``train.<action>`` handler that hands the message to the strategy's ``act``."""
+
+    def handle(msg: Message, context: Context) -> Message:
+        job = _prepare(msg, context, after_training=False)
+        inputs = {name: record.to_torch_state_dict() for name, record in msg.content.array_records.items()
+                  if name != "arrays"}
+        result = job.rule.act(action, job.model, job.data(), job.partition, inputs,
+                              dict(msg.content["config"]), job.generator(TRAIN))
+        state = job.model.state_dict()
+        save_personal(context, job.run_dir, job.partition, job.server_round,
+                      {k: state[k] for k in job.rule.personal_keys(job.model)})
+        metrics = MetricRecord({**result.metrics, "partition-id": job.partition,
+                                "personal-restored": RESTORED_CODE[job.restored]})
+        content = RecordDict({"metrics": metrics})
+        if result.arrays:
+            content["arrays"] = ArrayRecord(result.arrays)
+        return Message(content, reply_to=msg)
+
+    handle.__name__ = f"train_{action.replace('-', '_')}"
+    return handle
+
+
+# Plugins' own message types (train.<action>), registered the same way for built-ins and third
+# parties: whatever the installed plugins declare.
+for _action in client_actions():
+    app.train(_action)(_action_handler(_action))
 
 
 @app.evaluate()

@@ -23,11 +23,28 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1}
+DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1,
+                                        "fmnist-domains": 10, "digit-five": 10}
 DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("cnn", "mlp"),
     "linear-synthetic": ("linear",),
+    "fmnist-domains": ("cnn-bn",),
+    "digit-five": ("cnn-bn",),
 }
+# Multi-domain data sets (KD3A): one client per domain, partition 0 is the unlabelled target.
+MULTI_DOMAIN = ("fmnist-domains", "digit-five")
+DEFAULT_DOMAINS = {"fmnist-domains": ("original", "inverted", "mnistm-style", "rotated", "lowres-noise"),
+                   "digit-five": ("mnist", "mnistm", "svhn", "syn", "usps")}
+
+
+def domain_layout(dataset: str, target: str, sources: str, irrelevant: bool) -> list[str]:
+    """The domain of each partition of a multi-domain set: target first, then the sources
+    (``sources`` comma-separated, empty = all other domains), then the irrelevant source."""
+    if dataset not in MULTI_DOMAIN:
+        return []
+    chosen = [d.strip() for d in sources.split(",") if d.strip()] or [
+        d for d in DEFAULT_DOMAINS[dataset] if d != target]
+    return [target, *chosen, *(["irrelevant"] if irrelevant else [])]
 
 
 class ConfigError(ValueError):
@@ -55,13 +72,16 @@ class RunConfig(BaseModel):
         description="The strategy plugin's own options as a TOML inline table, e.g. '{mu = 0.01}' "
         "(see `fedrep strategies`).",
     )
-    dataset: Literal["fashion-mnist", "linear-synthetic"] = Field(
-        "fashion-mnist", description="Data set: Fashion-MNIST IDX files or the paper's Sec. 5 linear task."
+    dataset: Literal["fashion-mnist", "linear-synthetic", "fmnist-domains", "digit-five"] = Field(
+        "fashion-mnist", description="Data set: Fashion-MNIST IDX files, the paper's Sec. 5 linear task, "
+        "or a multi-domain set for KD3A: 'fmnist-domains' (five domains derived from Fashion-MNIST, "
+        "offline) or 'digit-five' (KD3A's .mat files).",
     )
-    model: Literal["cnn", "mlp", "linear"] = Field(
+    model: Literal["cnn", "mlp", "linear", "cnn-bn"] = Field(
         "cnn",
         description="Network. 'cnn' is the paper's CIFAR CNN (official Nets.py CNNCifar) sized for the "
-        "input; 'mlp' is the official MLP; 'linear' is the Sec. 5 model y = w^T B^T x.",
+        "input; 'mlp' is the official MLP; 'linear' is the Sec. 5 model y = w^T B^T x; 'cnn-bn' is a "
+        "BatchNorm CNN for 3x32x32 domains (KD3A's digit network, narrowed).",
     )
 
     # --- federation and data split ------------------------------------------------------------
@@ -86,6 +106,23 @@ class RunConfig(BaseModel):
         description="Directory with the IDX files; empty = $FEDREP_DATA_DIR, then Debian's "
         "/usr/share/datasets/fashion-mnist, then download.",
     )
+
+    # --- multi-domain data (KD3A) ------------------------------------------------------------------
+    target_domain: str = Field(
+        "mnistm-style", description="Multi-domain sets: the unlabelled target domain (partition 0)."
+    )
+    source_domains: str = Field(
+        "", description="Multi-domain sets: comma-separated labelled source domains (partitions 1..S); "
+        "empty = every other domain of the set.",
+    )
+    irrelevant_source: bool = Field(
+        False, description="fmnist-domains: add a source whose images carry no class information "
+        "(KD3A's negative-transfer experiment).",
+    )
+    malicious_domain: str = Field(
+        "", description="Multi-domain sets: a source domain whose labels are poisoned (empty = none).")
+    poison_fraction: float = Field(
+        0.0, ge=0, le=1, description="Share of the malicious domain's labels relabelled to (y+1) mod C.")
 
     # --- linear synthetic task (paper Sec. 5) ----------------------------------------------------
     linear_dim: int = Field(20, ge=1, description="d, ambient dimension (paper Fig. 2: d=20).")
@@ -203,9 +240,28 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"linear-rank={self.linear_rank} exceeds linear-dim={self.linear_dim}; need k <= d"
             )
+        if self.dataset in MULTI_DOMAIN:
+            domains = self.domain_layout()
+            known = DEFAULT_DOMAINS[self.dataset]
+            for name in domains:
+                if name not in (*known, "irrelevant"):
+                    raise ValueError(f"domain {name!r} is not a domain of {self.dataset}; use {known}")
+            if len(set(domains)) != len(domains):
+                raise ValueError(f"domains {domains} repeat one; the target cannot also be a source")
+            if self.num_clients != len(domains):
+                raise ValueError(
+                    f"num-clients={self.num_clients}, but {self.dataset} with target {domains[0]!r} and "
+                    f"sources {domains[1:]} has {len(domains)} parties; set num-clients={len(domains)}")
+            if self.malicious_domain and self.malicious_domain not in domains[1:]:
+                raise ValueError(
+                    f"malicious-domain {self.malicious_domain!r} is not a source ({domains[1:]})")
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
         return self
+
+    def domain_layout(self) -> list[str]:
+        """Multi-domain sets: the domain of each partition, target first."""
+        return domain_layout(self.dataset, self.target_domain, self.source_domains, self.irrelevant_source)
 
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's run config carries."""

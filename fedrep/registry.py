@@ -50,6 +50,10 @@ class StrategyPlugin:
     plugin's own pydantic model for its hyper-parameters, filled from the run-config key
     ``strategy-options`` (a TOML inline table, e.g. ``"{mu = 0.01}"``) and validated at start.
     ``config_keys`` lists the shared run-config keys the plugin reads, for ``fedrep strategies``.
+    ``client_actions`` names extra message types the client half handles, ``train.<action>``
+    (KD3A's ``kd3a_source`` and ``kd3a_target``; Python identifiers, as Flower requires); the
+    ClientApp routes them to ``ClientUpdateRule.act``. Prefix them with the plugin's name: they
+    share one namespace.
     """
 
     name: str
@@ -58,6 +62,7 @@ class StrategyPlugin:
     client: Callable[[RunConfig, Any], ClientUpdateRule]
     config_keys: tuple[str, ...] = field(default_factory=tuple)
     options: type[BaseModel] = NoOptions
+    client_actions: tuple[str, ...] = ()
 
     def parse_options(self, text: str) -> BaseModel:
         """Validate ``strategy-options``; ValueError names the bad option and the allowed ones."""
@@ -101,6 +106,7 @@ BUILTINS = {
     "local": "server.strategies.baselines:LOCAL",
     "fedprox": "server.strategies.baselines:FEDPROX",
     "ditto": "server.strategies.baselines:DITTO",
+    "kd3a": "server.strategies.kd3a:PLUGIN",
 }
 
 
@@ -161,6 +167,27 @@ def get_strategy(name: str) -> StrategyPlugin:
             f"{name!r}; make them equal"
         )
     return plugin
+
+
+def client_actions() -> dict[str, str]:
+    """Every extra client message action of the installed plugins: action -> plugin name.
+
+    A plugin that fails to import is left out here (using it reports the import error)."""
+    owners: dict[str, str] = {}
+    for name in available_strategies():
+        try:
+            plugin = get_strategy(name)
+        except PluginError:
+            continue
+        for action in plugin.client_actions:
+            if not action.isidentifier():
+                raise PluginError(f"plugin {name!r} declares client action {action!r}; Flower needs a "
+                                  "Python identifier (e.g. 'myplugin_phase1')")
+            if action in owners:
+                raise PluginError(f"client action {action!r} is claimed by plugins {owners[action]!r} "
+                                  f"and {name!r}; prefix actions with the plugin name")
+            owners[action] = name
+    return owners
 
 
 def describe() -> list[dict[str, str]]:

@@ -5,19 +5,27 @@ and ClientApp components, loaded by name from an app folder whose ``pyproject.to
 resolved run config, so every simulated SuperNode sees exactly the config the server validated.
 The ServerApp runs in a thread of this process, which is why progress prints live and an
 exception in round 7 reaches the caller as an exception.
+
+Ray: a private instance started here, or, when ``RAY_ADDRESS`` is set (Ray's own variable:
+``auto``, ``host:6379``, ``ray://host:10001``), the existing cluster it names; the ClientApps then
+run as Ray actors on any of its nodes. ``deploy/ray/README.md`` covers the cluster side.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
-from fedrep.config import RunConfig, toml_value
+from fedrep.config import ConfigError, RunConfig, toml_value
 
 SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
+# Read by the clients (data location, cache, offline switch). A cluster's workers descend from its
+# raylets, not from this process, so they see these only if we pass them along.
+FORWARDED_ENV = ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR", "FEDREP_OFFLINE", "FEDREP_CLIENT_CACHE")
 
 
 def write_app_dir(cfg: RunConfig, folder: Path) -> Path:
@@ -45,6 +53,103 @@ def quiet_flower_env() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a FutureWarning
 
 
+def worker_runtime_env() -> dict[str, Any]:
+    """The Ray runtime_env every ClientApp actor starts with.
+
+    Flower's RayBackend passes this driver's ``sys.path`` as PYTHONPATH so that workers import
+    the app as this process does; we keep that and add :data:`FORWARDED_ENV`."""
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env_vars = {"PYTHONPATH": pythonpath}
+    env_vars.update({key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)})
+    return {"env_vars": env_vars}
+
+
+def clients_at_once(nodes: list[dict[str, Any]], cpus: float, gpus: float) -> int:
+    """How many ClientApp actors fit, counted node by node as Flower sizes its actor pool
+    (``pool_size_from_resources``): an actor cannot straddle two nodes."""
+    total = 0
+    for node in nodes:
+        fit = int(node["Resources"].get("CPU", 0) / cpus)
+        if gpus > 0:
+            fit = min(fit, int(node["Resources"].get("GPU", 0) / gpus))
+        total += fit
+    return total
+
+
+def start_ray(cfg: RunConfig, verbose: bool = False) -> str:
+    """Start a private Ray, or join the cluster ``RAY_ADDRESS`` names; return one line saying
+    which, with its nodes, CPUs, GPUs and how many clients run at once.
+
+    Flower's RayBackend calls ``ray.init`` only while Ray is not initialised, so initialising it
+    here, with the arguments Flower would use, decides where the clients run. Without
+    ``RAY_ADDRESS`` we ask for ``local``: a bare ``ray.init()`` joins whatever cluster ``ray start``
+    last left on this machine."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    runtime_env = worker_runtime_env()
+    os.environ["PYTHONPATH"] = runtime_env["env_vars"]["PYTHONPATH"]  # as Flower does (a private
+    init_args: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}  # Ray inherits)
+    if not verbose:
+        init_args["logging_level"] = "WARNING"  # Flower's default for simulations
+    if not address:
+        ray.init(address="local", include_dashboard=False, **init_args)
+    else:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **init_args)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"RAY_ADDRESS={address!r}: cannot join a Ray cluster there ({err}). "
+                              f"{_RAY_ADDRESS_FIX}") from None
+    summary, gpus, fit = ray_summary(cfg, address)
+    if fit == 0:
+        ray.shutdown()
+        fix = ("set client-gpus=0 to train on CPUs, or add GPU nodes" if cfg.client_gpus > 0 and not gpus
+               else "lower them (e.g. --set client-cpus=0.5) or add bigger nodes")
+        raise ConfigError(f"client-cpus={cfg.client_cpus:g} client-gpus={cfg.client_gpus:g} fit no node "
+                          f"of the {summary}; {fix}")
+    return (f"[fedrep] {summary}; client-cpus={cfg.client_cpus:g} client-gpus={cfg.client_gpus:g} "
+            f"-> {fit} clients at a time")
+
+
+_RAY_ADDRESS_FIX = ("Start the cluster (`ray start --head`, deploy/ray/README.md) or unset RAY_ADDRESS "
+                    "to run on a private local Ray")
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail in seconds, naming RAY_ADDRESS, when nothing listens at ``host:port``: ``ray.init``
+    itself keeps retrying an unreachable head for minutes. ``auto`` is Ray's to resolve (and it
+    fails fast)."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"RAY_ADDRESS={address!r}: nothing answers there ({err}). "
+                          f"{_RAY_ADDRESS_FIX}") from None
+
+
+def ray_summary(cfg: RunConfig, address: str) -> tuple[str, float, int]:
+    """(which Ray, its live nodes, CPUs and GPUs; its GPUs; how many clients fit at once)."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    cpus = sum(node["Resources"].get("CPU", 0) for node in nodes)
+    gpus = sum(node["Resources"].get("GPU", 0) for node in nodes)
+    if not address:
+        where = "private local Ray (set RAY_ADDRESS to use a cluster)"
+    elif "://" in address:  # Ray Client: the driver is not part of the cluster
+        where = f"Ray cluster at {address}"
+    else:
+        resolved = ray.get_runtime_context().gcs_address
+        where = f"Ray cluster at {resolved}" + (f" (RAY_ADDRESS={address})" if address != resolved else "")
+    summary = f"{where}: {len(nodes)} node{'s' * (len(nodes) != 1)}, {cpus:g} CPUs, {gpus:g} GPUs"
+    return summary, gpus, clients_at_once(nodes, cfg.client_cpus, cfg.client_gpus)
+
+
 def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False) -> None:
     """Run ``cfg`` (already validated; ``run-dir`` already decided) to completion."""
     quiet_flower_env()
@@ -70,18 +175,23 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False) -> None:
                       run_config=dict(run_config))
     resources: dict[str, Any] = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
     backend_config: dict[str, Any] = {"client_resources": resources, "init_args": {}}
-    if os.environ.get("RAY_ADDRESS"):
-        backend_config["init_args"]["address"] = os.environ["RAY_ADDRESS"]
-    _run_simulation(
-        num_supernodes=cfg.num_clients,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        server_app_attr=SERVER_APP,
-        client_app_attr=CLIENT_APP,
-        backend_name="ray",
-        backend_config=backend_config,
-        server_app_context=context,
-        app_dir=str(app_dir),
-        run=run,
-        verbose_logging=verbose,
-        is_app=True,
-    )
+    print(start_ray(cfg, verbose), file=sys.stderr, flush=True)
+    import ray
+
+    try:
+        _run_simulation(
+            num_supernodes=cfg.num_clients,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr=SERVER_APP,
+            client_app_attr=CLIENT_APP,
+            backend_name="ray",
+            backend_config=backend_config,
+            server_app_context=context,
+            app_dir=str(app_dir),
+            run=run,
+            verbose_logging=verbose,
+            is_app=True,
+        )
+    finally:
+        ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
+

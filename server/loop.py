@@ -88,6 +88,10 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     per_round = (time.perf_counter() - started) / done
     eta = per_round * (cfg.num_rounds - server_round)
     parts = [f"round {server_round:>3}/{cfg.num_rounds}"]
+    if "target-accuracy" in row:
+        parts.append(f"target acc {row['target-accuracy']:.4f}")
+    if "passed-fraction" in row:
+        parts.append(f"passed {row['passed-fraction']:.2f}")
     if "accuracy-mean" in row:
         parts.append(f"acc {row['accuracy-mean']:.4f} ± {row['accuracy-std']:.4f}")
     if "accuracy-trained-mean" in row and row.get("eval-untrained", 0) > 0:
@@ -100,6 +104,13 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
         parts.append(f"dist(B,B*) {row['representation-distance']:.2e}")
     parts.append(f"{row['round-seconds']:.1f}s/round, eta {eta:.0f}s")
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
+
+
+def _strategy_state(strategy: Any) -> dict[str, Any]:
+    """What a stateful strategy needs to resume, kept in state.json next to the round."""
+    if hasattr(strategy, "strategy_state"):
+        return {"strategy-state": strategy.strategy_state()}
+    return {}
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -120,6 +131,8 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
     strategy = plugin.server_strategy(cfg)
     if last > 0:
         arrays = run.load_checkpoint(last)
+        if hasattr(strategy, "load_strategy_state"):  # e.g. KD3A's moving-average domain weights
+            strategy.load_strategy_state(run.state().get("strategy-state", {}))
         print(f"[fedrep] resuming {run.path} after round {last}", file=sys.stderr, flush=True)
     else:
         state = model.state_dict()
@@ -135,17 +148,22 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         audit.server_round = server_round
         record = to_record(arrays)
         config = ConfigRecord({"run-dir": str(run.path)})
-        train_msgs = list(strategy.configure_train(server_round, record, config, audit))
-        if not train_msgs:
-            raise RuntimeError(f"round {server_round}: no client available to train")
-        replies = audit.send_and_receive(train_msgs, timeout=timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if hasattr(strategy, "train_round"):  # a strategy with its own multi-phase round (KD3A)
+            new_arrays, train_metrics, sent = strategy.train_round(server_round, record, config, audit,
+                                                                   timeout)
+        else:
+            train_msgs = list(strategy.configure_train(server_round, record, config, audit))
+            if not train_msgs:
+                raise RuntimeError(f"round {server_round}: no client available to train")
+            replies = audit.send_and_receive(train_msgs, timeout=timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            sent = record.count_bytes() * len(train_msgs)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
         arrays = from_record(new_arrays)
         row: dict[str, Any] = {"round": server_round}
         row.update(dict(train_metrics or {}))
-        row["bytes-sent"] = record.count_bytes() * len(train_msgs)
+        row["bytes-sent"] = sent
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
             eval_record = new_arrays  # the aggregate, already a record
             eval_config = ConfigRecord({"run-dir": str(run.path)})
@@ -167,11 +185,11 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         run.append_audit(audit_rows)
         run.append_events(events)
         run.append_metrics(row)
-        run.write_state(server_round, "running")
+        run.write_state(server_round, "running", **_strategy_state(strategy))
         _progress(cfg, server_round, row, started, last + 1)
         for event in events:
             print(f"[fedrep] {_describe(event)}", file=sys.stderr, flush=True)
-    run.write_state(cfg.num_rounds, "completed")
+    run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
     plot = plot_run(run.path)
     print(f"[fedrep] done: metrics {run.metrics_file}, plot {plot}", file=sys.stderr, flush=True)
     return run

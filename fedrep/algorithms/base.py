@@ -75,6 +75,16 @@ class ClientUpdateRule(ABC):
         (FedAvg+FT) overrides this; ``generator`` seeds any training it does."""
         return evaluate(model, data.x_test, data.y_test)
 
+    def act(self, action: str, model: SplitModel, data: ClientData, partition: int,
+            inputs: dict[str, dict[str, torch.Tensor]], config: dict, generator: torch.Generator) -> Any:
+        """Handle a plugin's own message type ``train.<action>`` (see StrategyPlugin.client_actions).
+
+        ``model`` holds the received shared and the restored personal parameters; ``inputs`` are
+        the message's other array records as state dicts, ``config`` its config record. Return an
+        object with ``arrays`` (a state dict to send back) and ``metrics`` (scalars); the
+        personal parameters are saved afterwards, as after ``fit``."""
+        raise NotImplementedError(f"{type(self).__name__} handles no action {action!r}")
+
     def finetune_phases(self, model: SplitModel, epochs: int) -> list[Phase]:
         """What 'fine-tune before the final evaluation' trains: the head, body frozen (the
         official code's last round, and FedAvg+FT)."""

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedrep.config import RunConfig
+from fedrep.config import MULTI_DOMAIN, RunConfig, domain_layout
 from fedrep.data import fashion_mnist, partition
 from fedrep.data.synthetic import client_linear_data
 
@@ -58,6 +58,11 @@ class DataKey:
     linear_rank: int
     linear_samples: int
     linear_noise: float
+    target_domain: str
+    source_domains: str
+    irrelevant_source: bool
+    malicious_domain: str
+    poison_fraction: float
 
     @classmethod
     def of(cls, cfg: RunConfig) -> DataKey:
@@ -109,8 +114,38 @@ def _labels(labels: np.ndarray, idx: np.ndarray) -> torch.Tensor:
 CLIENT_CACHE_SIZE = int(os.environ.get("FEDREP_CLIENT_CACHE", "256"))
 
 
+# Target labels are withheld from training: any use of them fails loudly (cross-entropy rejects
+# -1) instead of silently turning unsupervised adaptation into supervised training.
+WITHHELD_LABEL = -1
+
+
+def _domain_data(key: DataKey, client: int) -> ClientData:
+    """Multi-domain sets: partition 0 is the target (train labels withheld), 1.. the sources."""
+    from fedrep.data import digit_five, domains
+
+    name = domain_layout(key.dataset, key.target_domain, key.source_domains, key.irrelevant_source)[client]
+
+    def load(split: str, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if key.dataset == "digit-five":
+            x, y = digit_five.load_digit_five(name, split, key.data_dir or None, cap or None, key.seed)
+        else:
+            x, y = domains.load_domain(name, split, cap or None, key.seed, key.data_dir or None)
+        return domains.kd3a_normalize(x), y.clone()
+
+    x_train, y_train = load("train", key.max_train_per_client)
+    x_test, y_test = load("test", key.max_test_per_client)
+    if client == 0:
+        y_train = torch.full_like(y_train, WITHHELD_LABEL)
+    elif name == key.malicious_domain and key.poison_fraction > 0:
+        gen = torch.Generator().manual_seed(key.seed * 7919 + client)
+        y_train = domains.poison_labels(y_train, key.poison_fraction, 10, gen)
+    return ClientData(x_train, y_train, x_test, y_test)
+
+
 @lru_cache(maxsize=CLIENT_CACHE_SIZE)
 def _client_data(key: DataKey, client: int) -> ClientData:
+    if key.dataset in MULTI_DOMAIN:
+        return _domain_data(key, client)
     if key.dataset == "linear-synthetic":
         return ClientData(
             *client_linear_data(

@@ -7,10 +7,11 @@ import torch
 from fedrep.config import RunConfig
 from fedrep.models.base import SplitModel
 from fedrep.models.cnn import PaperCNN
+from fedrep.models.domain_cnn import DomainCNN
 from fedrep.models.linear import LinearRepresentation
 from fedrep.models.mlp import PaperMLP
 
-__all__ = ["SplitModel", "PaperCNN", "PaperMLP", "LinearRepresentation", "build_model"]
+__all__ = ["SplitModel", "PaperCNN", "DomainCNN", "PaperMLP", "LinearRepresentation", "build_model"]
 
 
 def build_model(cfg: RunConfig) -> SplitModel:
@@ -20,6 +21,8 @@ def build_model(cfg: RunConfig) -> SplitModel:
         torch.manual_seed(cfg.seed)
         if cfg.model == "cnn":
             return PaperCNN(num_classes=10, in_channels=1, image_size=28)
+        if cfg.model == "cnn-bn":
+            return DomainCNN(num_classes=10)
         if cfg.model == "mlp":
             return PaperMLP(in_features=28 * 28, num_classes=10)
         return LinearRepresentation(cfg.linear_dim, cfg.linear_rank)

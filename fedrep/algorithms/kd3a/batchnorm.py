@@ -139,7 +139,8 @@ def _layer(stats: Mapping[str, BNStats], layer: str, source: int) -> BNStats:
 
 
 def bn_mmd_loss(
-    target_stats: Mapping[str, BNStats], source_stats: Sequence[Mapping[str, BNStats]], weights: Tensor
+    target_stats: Mapping[str, BNStats], source_stats: Sequence[Mapping[str, BNStats]], weights: Tensor,
+    per_channel_mean: bool = False,
 ) -> Tensor:
     """Paper's BN-MMD: ``sum_k a_k sum_l (||mu_l^T - mu_l^k||^2 + ||var_l^T - var_l^k||^2)``, a scalar.
 
@@ -149,6 +150,9 @@ def bn_mmd_loss(
     ``[S + 1]`` domain weights). Summed over all layers of ``target_stats``. It equals the distance to
     :func:`weighted_bn_statistics` plus a constant, so its gradient pulls the target batch moments
     towards the weighted source statistics. Not used by the official code (see module docstring).
+    ``per_channel_mean=True`` averages each layer's squared distances over its channels instead of
+    summing them, so wide layers do not dominate and the loss stays on the scale of the
+    distillation loss (what training uses; the paper leaves the scale to its weight).
     """
     if not target_stats:
         raise ValueError("bn_mmd_loss: no target BN statistics; run the forward inside collect_bn_inputs")
@@ -159,7 +163,8 @@ def bn_mmd_loss(
             source = _layer(stats, layer, k)
             mean = source.mean.to(target.mean).detach()
             var = source.var.to(target.var).detach()
-            term = wk * (((target.mean - mean) ** 2).sum() + ((target.var - var) ** 2).sum())
+            gap = ((target.mean - mean) ** 2).sum() + ((target.var - var) ** 2).sum()
+            term = wk * (gap / target.mean.numel() if per_channel_mean else gap)
             total = term if total is None else total + term
     assert total is not None
     return total

@@ -1,0 +1,204 @@
+"""KD3A's client half: what a source and what the target do in one round (plain PyTorch).
+
+Partition 0 is the target domain (its train labels are withheld: -1), partitions 1..S the
+labelled sources. Every party holds a full model; the feature extractor (``body``) is the shared,
+domain-weighted aggregate, the classifier (``head``) stays with its party (official code).
+
+* ``kd3a_source``: train body + head on the labelled data for 1/r of an epoch (``rounds-per-epoch``
+  r, the paper's communication rounds per epoch), return the whole model: the target needs the
+  source's classifier to vote.
+* ``kd3a_target``: take the S source models, and for 1/r of an epoch over the unlabelled data vote
+  per batch (knowledge vote with the round's confidence gate), train on the consensus with mixup,
+  accumulate each subset's consensus quality for consensus focus; optionally add the paper's
+  BN-MMD loss. Return the body and the round's statistics (passed fraction, focus per source).
+
+The source-only baseline (``mode = "source-only"``) is FedAvg over the sources: whole models are
+averaged and the target only evaluates the global model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedrep.algorithms.base import ClientUpdateRule, all_params
+from fedrep.algorithms.kd3a.batchnorm import bn_mmd_loss, bn_statistics_from_state, collect_bn_inputs
+from fedrep.algorithms.kd3a.consensus import (
+    consensus_focus_monte_carlo,
+    shapley_from_qualities,
+    subset_qualities,
+)
+from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
+from fedrep.algorithms.kd3a.vote import knowledge_vote
+from fedrep.algorithms.kd3a.weights import is_bn_buffer
+from fedrep.algorithms.training import Phase, make_optimizer
+from fedrep.data.federated import ClientData
+from fedrep.models.base import SplitModel
+
+SOURCE_ACTION, TARGET_ACTION = "kd3a_source", "kd3a_target"  # Flower: identifiers
+TARGET_PARTITION = 0
+
+
+class KD3AOptions(BaseModel):
+    """KD3A's hyper-parameters (``strategy-options``); defaults from the official Digit-5 config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["kd3a", "source-only"] = Field(
+        "kd3a", description="'source-only': FedAvg over the sources, the target just evaluates.")
+    rounds_per_epoch: float = Field(
+        1.0, gt=0, description="r, communication rounds per local epoch (paper: 0.2, 0.5, 1, N).")
+    gate_begin: float = Field(0.9, gt=0, lt=1, description="Confidence gate at the first round.")
+    gate_end: float = Field(0.95, gt=0, lt=1, description="Confidence gate approached at the last round.")
+    consensus_focus: bool = Field(True, description="false: sources share the weight equally (ablation).")
+    focus_estimator: Literal["exact", "monte-carlo"] = Field(
+        "exact", description="Shapley consensus focus over all 2^S subsets, or by sampled permutations.")
+    permutations: int = Field(64, ge=1, description="Permutations per batch for 'monte-carlo'.")
+    batchnorm: Literal["aggregate", "mmd-loss", "local"] = Field(
+        "aggregate", description="'aggregate': BN statistics averaged with the domain weights (official "
+        "BN-MMD); 'mmd-loss': that plus the paper's BN-MMD loss on the target; 'local': BN statistics "
+        "never leave a party (ablation without BN-MMD).")
+    mmd_weight: float = Field(1.0, ge=0, description="Weight of the BN-MMD loss in 'mmd-loss'.")
+    mixup_alpha: float = Field(2.0, gt=0, description="Beta(alpha, alpha) mixup on the target (official 2).")
+    weight_momentum: float = Field(
+        0.9, ge=0, lt=1, description="Moving average of domain weights across rounds (official 0.9).")
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What an action sends back: arrays (a state dict) and scalar metrics."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float | int] = field(default_factory=dict)
+
+
+def local_batches(num_samples: int, batch_size: int, rounds_per_epoch: float) -> int:
+    """Batches per round: one epoch's batches divided by r (at least one)."""
+    per_epoch = math.ceil(num_samples / batch_size)
+    return max(1, round(per_epoch / rounds_per_epoch))
+
+
+def _batches(n: int, batch_size: int, count: int, generator: torch.Generator):
+    """``count`` index batches, reshuffling at every pass over the data."""
+    done = 0
+    while done < count:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            if done == count:
+                return
+            idx = order[start:start + batch_size]
+            if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples
+                continue
+            yield idx
+            done += 1
+
+
+class KD3ARule(ClientUpdateRule):
+    """Client rule for every KD3A party; the action says which role a message asks for."""
+
+    options: KD3AOptions
+
+    def shared_keys(self, model: SplitModel) -> list[str]:
+        if self.options.mode == "source-only":
+            return list(model.state_dict())
+        keys = model.representation_keys()
+        if self.options.batchnorm == "local":
+            keys = [k for k in keys if not is_bn_buffer(k)]
+        return keys
+
+    def phases(self, model: SplitModel) -> list[Phase]:
+        return [Phase(all_params(model), self.cfg.local_epochs)]
+
+    def finetune_and_evaluate(self, model, data, epochs, generator):  # noqa: ANN001 - base signature
+        """No fine-tuning: the target has no labels to fine-tune on."""
+        return self.evaluate(model, data, generator)
+
+    def act(self, action: str, model: SplitModel, data: ClientData, partition: int,
+            inputs: dict[str, dict[str, torch.Tensor]], config: dict, generator: torch.Generator
+            ) -> ActionResult:
+        if action == SOURCE_ACTION:
+            if partition == TARGET_PARTITION:
+                raise RuntimeError("the target (partition 0) got a source task; it has no labels")
+            return self.train_source(model, data, generator)
+        if action == TARGET_ACTION:
+            if partition != TARGET_PARTITION:
+                raise RuntimeError(f"partition {partition} is a source but got the target task")
+            weights = torch.tensor([float(w) for w in config["source-weights"]])
+            return self.adapt_target(model, data, inputs, float(config["gate"]), weights, generator)
+        raise ValueError(f"KD3A has no action {action!r}")
+
+    # -- sources ----------------------------------------------------------------------------------
+    def train_source(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> ActionResult:
+        count = local_batches(data.num_train, self.cfg.batch_size, self.options.rounds_per_epoch)
+        optimizer = make_optimizer(model, self.cfg)
+        model.train()
+        total, seen = 0.0, 0
+        for idx in _batches(data.num_train, self.cfg.batch_size, count, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return ActionResult(state, {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
+                                    "local-steps": count})
+
+    # -- target -----------------------------------------------------------------------------------
+    def adapt_target(self, model: SplitModel, data: ClientData, sources: dict[str, dict[str, torch.Tensor]],
+                     gate: float, source_weights: torch.Tensor, generator: torch.Generator) -> ActionResult:
+        """One round of target adaptation; ``sources`` maps 'source-<pid>' to a full state dict.
+
+        Never reads ``data.y_train`` (withheld labels)."""
+        names = sorted(sources, key=lambda n: int(n.rsplit("-", 1)[1]))
+        teachers = []
+        for name in names:
+            teacher = copy.deepcopy(model)
+            teacher.load_state_dict(sources[name])
+            teacher.eval()
+            teachers.append(teacher)
+        source_bn = [bn_statistics_from_state(sources[n]) for n in names]
+        count = local_batches(data.num_train, self.cfg.batch_size, self.options.rounds_per_epoch)
+        optimizer = make_optimizer(model, self.cfg)
+        model.train()
+        num_sources = len(names)
+        qualities = torch.zeros(2 ** num_sources, dtype=torch.float64)
+        focus_mc = torch.zeros(num_sources, dtype=torch.float64)
+        passed, seen, total = 0.0, 0, 0.0
+        for idx in _batches(data.num_train, self.cfg.batch_size, count, generator):
+            x = data.x_train[idx]
+            with torch.no_grad():
+                probs = torch.stack([torch.softmax(t(x), dim=1) for t in teachers])  # [S, B, C]
+            vote = knowledge_vote(probs, gate)
+            if self.options.focus_estimator == "exact":
+                qualities += subset_qualities(probs, gate)
+            else:
+                focus_mc += consensus_focus_monte_carlo(probs, gate, self.options.permutations, generator)
+            mixed = mixup(x, vote.consensus, vote.weight, self.options.mixup_alpha, generator)
+            optimizer.zero_grad(set_to_none=True)
+            if self.options.batchnorm == "mmd-loss":
+                with collect_bn_inputs(model) as target_stats:
+                    logits = model(mixed.x)
+                mmd = bn_mmd_loss(target_stats, source_bn, source_weights, per_channel_mean=True)
+                distill = target_distillation_loss(logits, mixed.labels, mixed.weights)
+                loss = distill + self.options.mmd_weight * mmd
+            else:
+                loss = target_distillation_loss(model(mixed.x), mixed.labels, mixed.weights)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            passed += float(vote.weight.sum())
+            seen += len(idx)
+        focus = shapley_from_qualities(qualities) if self.options.focus_estimator == "exact" else focus_mc
+        state = model.state_dict()
+        metrics: dict[str, float | int] = {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
+                                           "passed-fraction": passed / max(seen, 1), "local-steps": count}
+        for name, value in zip(names, focus.tolist(), strict=True):
+            metrics[f"focus-{name.rsplit('-', 1)[1]}"] = float(value)
+        return ActionResult({k: state[k].detach().clone() for k in self.shared_keys(model)}, metrics)

@@ -1,0 +1,177 @@
+"""KD3A's server half: a two-phase round on Flower messages, and the domain-weighted aggregate.
+
+Round t (message types tell the phases apart):
+
+1. ``train.kd3a-source`` to every source: the global feature extractor; each replies with its
+   whole trained model.
+2. ``train.kd3a-target`` to the target: the global extractor plus every source model in one
+   message (one ArrayRecord per source), the round's confidence gate and the current source
+   weights; it replies with its extractor, the fraction of its samples that passed the gate and
+   each source's consensus focus.
+3. Domain weights from focus and passed fraction (:func:`domain_weights`), smoothed across
+   rounds, weight the average of the target's and the sources' extractors (BN statistics too,
+   unless ``batchnorm = "local"``).
+
+A source that fails or is lost gets weight 0 for the round; a lost target fails the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedrep.algorithms.kd3a import (
+    aggregate_state_dicts,
+    confidence_gate,
+    domain_weights,
+    moving_average_weights,
+)
+from fedrep.algorithms.kd3a.rule import SOURCE_ACTION, TARGET_ACTION, TARGET_PARTITION, KD3AOptions, KD3ARule
+from fedrep.config import RunConfig
+from fedrep.registry import StrategyPlugin
+from server.records import from_record, to_record
+from server.strategies.base import ARRAYS, CONFIG, METRICS, PARTITION_ID, SharedAveraging
+
+
+def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v)) for k, v in from_record(record).items()}
+
+
+class KD3AStrategy(SharedAveraging):
+    options: KD3AOptions
+
+    def __init__(self, cfg: RunConfig, options: KD3AOptions) -> None:
+        super().__init__(cfg, options)
+        self.domains = cfg.domain_layout()
+        self.weights: torch.Tensor | None = None  # [S+1], target first: the moving average
+
+    # -- resumable state ------------------------------------------------------------------------
+    def strategy_state(self) -> dict[str, Any]:
+        return {"domain-weights": None if self.weights is None else self.weights.tolist()}
+
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
+        weights = state.get("domain-weights")
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+
+    # -- one round -------------------------------------------------------------------------------
+    def _send(self, grid: Grid, content: RecordDict, nodes: list[int], kind: str,
+              timeout: float) -> list[Message]:
+        self._sent = [Message(content, dst_node_id=node, message_type=kind) for node in nodes]
+        return self._split_replies(grid.send_and_receive(list(self._sent), timeout=timeout))
+
+    def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                    timeout: float) -> tuple[ArrayRecord, dict[str, Any], int]:
+        """(new global arrays, metrics, bytes sent) for one KD3A round."""
+        self.server_round = server_round
+        known = self.discover(grid)
+        node_of = {pid: node for node, pid in known.items()}
+        if TARGET_PARTITION not in node_of:
+            raise RuntimeError(f"round {server_round}: the target ({self.domains[0]}, partition 0) is "
+                               "not connected; KD3A cannot adapt without it")
+        sources = [pid for pid in range(1, len(self.domains)) if pid in node_of]
+        config["server-round"] = server_round
+        source_content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        sent = arrays.count_bytes() * len(sources)
+        replies = self._send(grid, source_content, [node_of[p] for p in sources],
+                             f"{MessageType.TRAIN}.{SOURCE_ACTION}", timeout)
+        models = {int(r.content[METRICS][PARTITION_ID]): r.content[ARRAYS] for r in replies}
+        metrics: dict[str, Any] = {
+            "train-clients": len(replies), "train-failures": len(self.last_failures),
+            "bytes-to-each-source": arrays.count_bytes(),
+            "bytes-from-each-source": max((m.count_bytes() for m in models.values()), default=0)}
+        for r in replies:
+            pid = int(r.content[METRICS][PARTITION_ID])
+            metrics[f"source-loss-{self.domains[pid]}"] = float(r.content[METRICS]["train-loss"])
+        if not models:
+            raise RuntimeError(f"round {server_round}: every source failed; see the log")
+        global_state = _tensors(arrays)
+        shared_keys = list(global_state)
+        if self.options.mode == "source-only":
+            states = [_tensors(models[p]) for p in sorted(models)]
+            averaged = aggregate_state_dicts(states, torch.ones(len(states)))
+            return to_record({k: v.numpy() for k, v in averaged.items()}), metrics, sent
+
+        num_sources = len(self.domains) - 1
+        previous = self.weights if self.weights is not None else torch.full(
+            (num_sources + 1,), 1.0 / (num_sources + 1), dtype=torch.float64)
+        gate = confidence_gate(server_round - 1, self.cfg.num_rounds, self.options.gate_begin,
+                               self.options.gate_end)
+        target_config = ConfigRecord({
+            **dict(config), "gate": gate,
+            "source-weights": [float(previous[p]) for p in sorted(models)],
+        })
+        target_content = RecordDict({ARRAYS: arrays, CONFIG: target_config,
+                                     **{f"source-{p}": models[p] for p in sorted(models)}})
+        metrics["bytes-to-target"] = sum(r.count_bytes() for r in target_content.array_records.values())
+        sent += metrics["bytes-to-target"]
+        (target_reply,) = self._send(grid, target_content, [node_of[TARGET_PARTITION]],
+                                     f"{MessageType.TRAIN}.{TARGET_ACTION}", timeout) or (None,)
+        if target_reply is None:
+            raise RuntimeError(f"round {server_round}: the target failed: {self.last_failures}")
+        target_metrics = target_reply.content[METRICS]
+        metrics["bytes-from-target"] = target_reply.content[ARRAYS].count_bytes()
+        passed = float(target_metrics["passed-fraction"])
+        focus = torch.zeros(num_sources, dtype=torch.float64)
+        for p in models:
+            focus[p - 1] = float(target_metrics[f"focus-{p}"])
+        if not self.options.consensus_focus:
+            focus = torch.tensor([1.0 if p in models else 0.0 for p in range(1, num_sources + 1)],
+                                 dtype=torch.float64)
+        new = domain_weights(focus, passed)
+        self.weights = moving_average_weights(self.weights, new, self.options.weight_momentum)
+        # Lost sources take no part this round: their stand-in is the old global extractor at weight 0.
+        weights = self.weights.clone()
+        states = [_tensors(target_reply.content[ARRAYS])]
+        for p in range(1, num_sources + 1):
+            if p in models:
+                full = _tensors(models[p])
+                states.append({k: full[k] for k in shared_keys})
+            else:
+                states.append(global_state)
+                weights[p] = 0.0
+        averaged = aggregate_state_dicts(states, weights)
+        metrics.update({"passed-fraction": passed, "gate": gate,
+                        "train-loss": float(target_metrics["train-loss"])})
+        for p, domain in enumerate(self.domains):
+            metrics[f"weight-{domain}"] = float(self.weights[p])
+            if p > 0:
+                metrics[f"focus-{domain}"] = float(focus[p - 1])
+        return to_record({k: v.numpy() for k, v in averaged.items()}), metrics, sent
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if "finetune-epochs" in config:  # the target has no labels to fine-tune with
+            del config["finetune-epochs"]
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        out = super().aggregate_evaluate(server_round, replies)
+        if out is None:
+            return None
+        for reply in replies:
+            if reply.has_error() or "accuracy" not in reply.content[METRICS]:
+                continue
+            pid = int(reply.content[METRICS][PARTITION_ID])
+            accuracy = float(reply.content[METRICS]["accuracy"])
+            out["target-accuracy" if pid == TARGET_PARTITION else f"accuracy-{self.domains[pid]}"] = accuracy
+        return out
+
+
+PLUGIN = StrategyPlugin(
+    name="kd3a",
+    description="KD3A (Feng et al., ICML 2021): unsupervised multi-source decentralized domain "
+    "adaptation; knowledge vote, consensus focus, BatchNorm MMD. Partition 0 is the target.",
+    server=KD3AStrategy,
+    client=KD3ARule,
+    options=KD3AOptions,
+    client_actions=(SOURCE_ACTION, TARGET_ACTION),
+    config_keys=("dataset", "target-domain", "source-domains", "irrelevant-source", "malicious-domain",
+                 "poison-fraction", "lr", "momentum", "weight-decay", "batch-size"),
+)

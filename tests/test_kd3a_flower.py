@@ -1,0 +1,105 @@
+"""KD3A as a strategy of the platform: the client rule on its own, then a real Flower simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fedrep_cli
+from fedrep.algorithms.kd3a.rule import KD3AOptions, KD3ARule, local_batches
+from fedrep.config import ConfigError, parse_run_config
+from fedrep.data.federated import WITHHELD_LABEL, ClientData
+from fedrep.models import DomainCNN
+
+KD3A_CONFIG = {"strategy": "kd3a", "dataset": "fmnist-domains", "model": "cnn-bn", "num-clients": 5,
+               "batch-size": 16}
+
+
+def _data(n: int, seed: int, labels: torch.Tensor | None = None) -> ClientData:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=gen)
+    y = labels if labels is not None else torch.randint(0, 10, (n,), generator=gen)
+    return ClientData(x, y, x[: n // 2], torch.randint(0, 10, (n // 2,), generator=gen))
+
+
+def _adapt(rule: KD3ARule, target_labels: torch.Tensor) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = DomainCNN()
+    sources = {}
+    for pid in (1, 2, 3):
+        teacher = DomainCNN()
+        rule.train_source(teacher, _data(48, pid), torch.Generator().manual_seed(pid))
+        sources[f"source-{pid}"] = teacher.state_dict()
+    result = rule.adapt_target(model, _data(64, 9, target_labels), sources, gate=0.12,
+                               source_weights=torch.full((3,), 1 / 3),
+                               generator=torch.Generator().manual_seed(5))
+    return result.arrays, result.metrics
+
+
+@pytest.mark.parametrize("batchnorm", ["aggregate", "mmd-loss"])
+def test_target_adaptation_never_reads_target_labels(batchnorm: str):
+    rule = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(batchnorm=batchnorm))
+    withheld = torch.full((64,), WITHHELD_LABEL)
+    arrays, metrics = _adapt(rule, withheld)
+    leaked, leaked_metrics = _adapt(rule, torch.randint(0, 10, (64,)))  # real-looking labels instead
+    assert all(torch.equal(arrays[k], leaked[k]) for k in arrays) and metrics == leaked_metrics
+    assert 0.0 < metrics["passed-fraction"] <= 1.0 and metrics["train-loss"] < 10
+    assert {f"focus-{p}" for p in (1, 2, 3)} <= set(metrics)
+    assert sum(metrics[f"focus-{p}"] for p in (1, 2, 3)) > 0  # confident votes carry quality
+    assert set(arrays) == set(DomainCNN().representation_keys())  # the classifier stays home
+
+
+def test_batchnorm_local_keeps_statistics_home_and_source_only_shares_all():
+    model = DomainCNN()
+    local = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(batchnorm="local"))
+    assert not any("running_" in k or "num_batches" in k for k in local.shared_keys(model))
+    assert any("running_mean" in k for k in local.personal_keys(model))
+    source_only = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(mode="source-only"))
+    assert source_only.shared_keys(model) == list(model.state_dict())
+
+
+def test_round_length_follows_communication_rounds_per_epoch():
+    assert local_batches(1000, 50, 1.0) == 20
+    assert local_batches(1000, 50, 0.2) == 100  # one aggregation every 5 epochs
+    assert local_batches(1000, 50, 4.0) == 5
+    assert local_batches(10, 50, 8.0) == 1
+
+
+def test_multi_domain_config_names_the_fix():
+    with pytest.raises(ConfigError, match="set num-clients=6"):
+        parse_run_config({**KD3A_CONFIG, "irrelevant-source": True})
+    with pytest.raises(ConfigError, match="malicious-domain 'mnistm-style' is not a source"):
+        parse_run_config({**KD3A_CONFIG, "malicious-domain": "mnistm-style", "poison-fraction": 0.5})
+    with pytest.raises(ConfigError, match="strategy-options.batchnorm"):
+        parse_run_config({**KD3A_CONFIG, "strategy-options": '{batchnorm = "sometimes"}'})
+    cfg = parse_run_config({**KD3A_CONFIG, "num-clients": 3, "target-domain": "rotated",
+                            "source-domains": "original, inverted"})
+    assert cfg.domain_layout() == ["rotated", "original", "inverted"]
+
+
+@pytest.mark.e2e
+def test_kd3a_runs_on_flower_with_its_own_message_types(tmp_path: Path):
+    run_dir = tmp_path / "kd3a"
+    fedrep_cli("run", "--strategy", "kd3a", "--dataset", "fmnist-domains", "--model", "cnn-bn",
+               "--num-clients", "4", "--rounds", "2", "--set", "target-domain=rotated",
+               "--set", "source-domains=original,inverted,lowres-noise",
+               "--set", "max-train-per-client=64", "--set", "max-test-per-client=32",
+               "--set", "batch-size=16", "--set", "fraction-train=1.0",
+               "--set", f"run-dir={run_dir}", timeout=400)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    last = rows[-1]
+    weights = [last[f"weight-{d}"] for d in ("rotated", "original", "inverted", "lowres-noise")]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6) and min(weights) >= 0
+    assert 0 <= last["passed-fraction"] <= 1 and 0 <= last["target-accuracy"] <= 1
+    assert {"accuracy-original", "accuracy-inverted", "accuracy-lowres-noise"} <= set(last)
+    assert last["bytes-to-target"] > 3 * last["bytes-to-each-source"]  # every source model, one message
+    audit = [json.loads(line) for line in (run_dir / "messages.jsonl").read_text().splitlines()]
+    kinds = {(r["kind"], r.get("partition")) for r in audit}
+    assert ("train.kd3a_target", 0) in kinds and ("train.kd3a_source", 1) in kinds
+    assert ("train.kd3a_source", 0) not in kinds  # the unlabelled target never trains as a source
+    state = json.loads((run_dir / "state.json").read_text())
+    assert len(state["strategy-state"]["domain-weights"]) == 4  # resumable moving average
