@@ -2,7 +2,7 @@
 
 A comparison file is TOML::
 
-    strategies = ["fedrep", "fedper", "fedavg"]
+    strategies = ["fedrep", "fedper", "fedavg"]   # or "label=strategy" to run one strategy twice
     [config]                 # run-config keys shared by every run (same data split and seed)
     num-rounds = 100
     [overrides.fedavg]       # optional, per strategy
@@ -33,7 +33,9 @@ from fedrep.results import RunDir
 class CompareConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    strategies: list[str] = Field(min_length=1, description="Strategy plugin names to run.")
+    strategies: list[str] = Field(
+        min_length=1, description="Strategy plugin names to run; 'label=strategy' names a variant "
+        "(e.g. 'no-focus=kd3a' with its strategy-options under [overrides.no-focus]).")
     config: dict[str, Any] = Field(default_factory=dict, description="Shared run-config keys.")
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                  description="Per-strategy run-config keys.")
@@ -54,14 +56,18 @@ def load_comparison(path: Path) -> tuple[CompareConfig, dict[str, RunConfig]]:
         spec = CompareConfig.model_validate(tomllib.loads(path.read_text()))
     except (tomllib.TOMLDecodeError, ValidationError) as err:
         raise ConfigError(f"comparison file {path}: {err}") from None
-    unknown = set(spec.overrides) - set(spec.strategies)
+    labels = [name.partition("=")[0] for name in spec.strategies]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"comparison file {path}: strategies {spec.strategies} use one label twice")
+    unknown = set(spec.overrides) - set(labels)
     if unknown:
         raise ConfigError(f"comparison file {path}: overrides for {sorted(unknown)}, which are not "
-                          f"in strategies {spec.strategies}")
-    configs = {}
+                          f"in strategies {labels}")
+    configs = {}  # label -> config, in file order
     for name in spec.strategies:
-        values = {**spec.config, **spec.overrides.get(name, {}), "strategy": name}
-        configs[name] = parse_run_config(values, f"{path} (strategy {name})")
+        label, _, strategy = name.partition("=")
+        values = {**spec.config, **spec.overrides.get(label, {}), "strategy": strategy or label}
+        configs[label] = parse_run_config(values, f"{path} (strategy {name})")
     return spec, configs
 
 
@@ -105,6 +111,8 @@ def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
     }
     if "representation-distance" in final:
         out["representation-distance"] = final["representation-distance"]
+    if "target-accuracy" in final:  # domain adaptation: the target is what counts
+        out["target-accuracy"] = final["target-accuracy"]
     return out
 
 
@@ -136,6 +144,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
                if r.get("accuracy-mean") is not None else f"loss {_fmt(r.get('loss-mean'))}")
         if "representation-distance" in r:
             acc += f" (dist {r['representation-distance']:.2e})"
+        if r.get("target-accuracy") is not None:
+            acc = f"target {_fmt(r['target-accuracy'])} (all parties {acc})"
         lines.append(f"| {r['strategy']} | {acc} | {_fmt(r.get('accuracy-finetuned-mean'))} | "
                      f"{r['rounds']} | {_fmt(r['wall-seconds'], 1)} | "
                      f"{_bytes(r['bytes-per-client'])} |")
@@ -152,18 +162,21 @@ def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
     metric = "accuracy-mean"
     for name, run in runs.items():
         rows = run.read_metrics()
-        if not any(metric in r for r in rows):
+        if any("target-accuracy" in r for r in rows):
+            metric = "target-accuracy"
+        elif not any(metric in r for r in rows):
             metric = "representation-distance"
         pts = [(r["round"], r[metric]) for r in rows if metric in r]
         ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, label=name)
     if metric == "representation-distance":
         ax.set_yscale("log")
     ax.set_xlabel("round")
-    ax.set_ylabel("mean local accuracy" if metric == "accuracy-mean" else "distance to B*")
+    ax.set_ylabel({"accuracy-mean": "mean local accuracy", "target-accuracy": "target accuracy"}.get(
+        metric, "distance to B*"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out / ("accuracy.png" if metric == "accuracy-mean" else "distance.png")
+    path = out / ("distance.png" if metric == "representation-distance" else "accuracy.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -177,17 +190,17 @@ def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
     """
     spec, configs = load_comparison(path)
     if only:
-        unknown = sorted(set(only) - set(spec.strategies))
+        unknown = sorted(set(only) - set(configs))
         if unknown:
-            raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({spec.strategies})")
+            raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({list(configs)})")
     out.mkdir(parents=True, exist_ok=True)
-    for name in spec.strategies:
+    for name in configs:
         if only and name not in only:
             continue
         run_dir = (out / name).resolve()
         print(f"[fedrep compare] {name} -> {run_dir}", file=sys.stderr, flush=True)
         _run_one(configs[name], run_dir)
-    runs = {name: RunDir((out / name).resolve()) for name in spec.strategies
+    runs = {name: RunDir((out / name).resolve()) for name in configs
             if _completed(out / name)}
     write_table([summarize_run(n, r) for n, r in runs.items()], out)
     plot_comparison(runs, out)

@@ -27,6 +27,12 @@ def test_comparison_file_is_validated_up_front(tmp_path: Path):
                   '[overrides.fedprox]\nstrategy-options = {mu = 0.5}\n')
     _, configs = load_comparison(ok)
     assert configs["fedprox"].strategy_options == "{mu = 0.5}" and configs["fedrep"].seed == 4
+    variants = tmp_path / "variants.toml"  # one strategy twice, told apart by labels
+    variants.write_text('strategies = ["fedprox", "strong=fedprox"]\n[overrides.strong]\n'
+                        'strategy-options = {mu = 1.0}\n')
+    _, configs = load_comparison(variants)
+    assert list(configs) == ["fedprox", "strong"] and configs["strong"].strategy == "fedprox"
+    assert configs["strong"].strategy_options == "{mu = 1.0}" and configs["fedprox"].strategy_options == ""
 
 
 @pytest.mark.e2e
