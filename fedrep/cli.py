@@ -130,19 +130,26 @@ def preflight(cfg: RunConfig) -> None:
         partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
 
 
-def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
-    """Drive the plain Flower route: ``flwr run APP --stream`` on a local SuperLink."""
+def _flwr_command(cfg: RunConfig) -> tuple[str, list[str]]:
+    """The ``flwr`` executable and the run config as ``--run-config key=value`` arguments."""
     from fedrep.config import toml_value
-    from fedrep.results import RunDir
-    from fedrep.simulation import quiet_flower_env
 
-    quiet_flower_env()
     flwr = shutil.which("flwr")
     if flwr is None:
         raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
     overrides: list[str] = []
     for key, value in cfg.to_flower().items():
         overrides += ["--run-config", f"{key}={toml_value(value)}"]
+    return flwr, overrides
+
+
+def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
+    """Drive the plain Flower route: ``flwr run APP --stream`` on a local SuperLink."""
+    from fedrep.results import RunDir
+    from fedrep.simulation import quiet_flower_env
+
+    quiet_flower_env()
+    flwr, overrides = _flwr_command(cfg)
     cpus = int(cfg.client_cpus) if float(cfg.client_cpus).is_integer() else cfg.client_cpus
     federation = (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus} "
                   f"client-resources-num-gpus={cfg.client_gpus}")
@@ -160,14 +167,7 @@ def _flwr_submit(cfg: RunConfig, app: str, connection: str) -> None:
     ended (``flwr run --stream`` exits 0 even when the ServerApp fails)."""
     import json
 
-    from fedrep.config import toml_value
-
-    flwr = shutil.which("flwr")
-    if flwr is None:
-        raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
-    overrides: list[str] = []
-    for key, value in cfg.to_flower().items():
-        overrides += ["--run-config", f"{key}={toml_value(value)}"]
+    flwr, overrides = _flwr_command(cfg)
     submitted = subprocess.run([flwr, "run", app, connection, "--format", "json", *overrides],
                                capture_output=True, text=True, check=False)
     try:

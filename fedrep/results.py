@@ -166,20 +166,24 @@ class RunDir:
         atomic_write(self.path / "metrics.csv", text.getvalue().encode())  # readers never see half a table
 
     def append_audit(self, rows: list[Mapping[str, Any]]) -> None:
-        with (self.path / "messages.jsonl").open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps(dict(row)) + "\n")
+        _append_jsonl(self.path / "messages.jsonl", rows)
 
     def read_audit(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.path / "messages.jsonl")
 
     def append_events(self, events: list[Mapping[str, Any]]) -> None:
-        with (self.path / "events.jsonl").open("a") as fh:
-            for event in events:
-                fh.write(json.dumps(dict(event)) + "\n")
+        _append_jsonl(self.path / "events.jsonl", events)
 
     def read_events(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.path / "events.jsonl")
+
+
+def _append_jsonl(path: Path, rows: list[Mapping[str, Any]]) -> None:
+    """One line per row, written in one call: a killed writer leaves at most a torn last line,
+    which the readers skip."""
+    if rows:
+        with path.open("a") as fh:
+            fh.write("".join(json.dumps(dict(row)) + "\n" for row in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
