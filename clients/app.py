@@ -108,6 +108,14 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     return Job(cfg, rule, model, pid, server_round, run_dir, source)
 
 
+def _keep_personal(job: Job, context: Context) -> dict:
+    """Store the personal part after a local update; the full state dict, for the reply."""
+    state = job.model.state_dict()
+    save_personal(context, job.run_dir, job.partition, job.server_round,
+                  {k: state[k] for k in job.rule.personal_keys(job.model)})
+    return state
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who am I: partition id and count, and sample counts. Loading the data here means a
@@ -125,9 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, after_training=False)
     rule, model = job.rule, job.model
     result = rule.fit(model, job.data(), job.generator(TRAIN))
-    state = model.state_dict()
-    save_personal(context, job.run_dir, job.partition, job.server_round,
-                  {k: state[k] for k in rule.personal_keys(model)})
+    state = _keep_personal(job, context)
     shared = ArrayRecord({k: state[k] for k in rule.shared_keys(model)})
     metrics = MetricRecord({
         "num-examples": result.num_examples,
@@ -148,9 +154,7 @@ def _action_handler(action: str):
                   if name != "arrays"}
         result = job.rule.act(action, job.model, job.data(), job.partition, inputs,
                               dict(msg.content["config"]), job.generator(TRAIN))
-        state = job.model.state_dict()
-        save_personal(context, job.run_dir, job.partition, job.server_round,
-                      {k: state[k] for k in job.rule.personal_keys(job.model)})
+        _keep_personal(job, context)
         metrics = MetricRecord({**result.metrics, "partition-id": job.partition,
                                 "personal-restored": RESTORED_CODE[job.restored]})
         content = RecordDict({"metrics": metrics})
@@ -158,7 +162,7 @@ def _action_handler(action: str):
             content["arrays"] = ArrayRecord(result.arrays)
         return Message(content, reply_to=msg)
 
-    handle.__name__ = f"train_{action.replace('-', '_')}"
+    handle.__name__ = f"train_{action}"  # actions are identifiers (the registry checks)
     return handle
 
 

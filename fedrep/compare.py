@@ -188,7 +188,7 @@ def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
     ``only`` lets a long comparison be spread over several sessions or machines; the table always
     covers each strategy of the file whose run folder under ``out`` has completed.
     """
-    spec, configs = load_comparison(path)
+    _, configs = load_comparison(path)
     if only:
         unknown = sorted(set(only) - set(configs))
         if unknown:

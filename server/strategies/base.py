@@ -153,7 +153,10 @@ class SharedAveraging(Strategy):
     def _messages(
         self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str
     ) -> list[Message]:
-        content = RecordDict({ARRAYS: arrays, CONFIG: config})
+        return self._address(RecordDict({ARRAYS: arrays, CONFIG: config}), nodes, kind)
+
+    def _address(self, content: RecordDict, nodes: list[int], kind: str) -> list[Message]:
+        """One message per node, remembered so that replies can be traced to their node."""
         self._sent = [Message(content, dst_node_id=node, message_type=kind) for node in nodes]
         return list(self._sent)
 

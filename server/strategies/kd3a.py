@@ -61,8 +61,8 @@ class KD3AStrategy(SharedAveraging):
     # -- one round -------------------------------------------------------------------------------
     def _send(self, grid: Grid, content: RecordDict, nodes: list[int], kind: str,
               timeout: float) -> list[Message]:
-        self._sent = [Message(content, dst_node_id=node, message_type=kind) for node in nodes]
-        return self._split_replies(grid.send_and_receive(list(self._sent), timeout=timeout))
+        messages = self._address(content, nodes, kind)
+        return self._split_replies(grid.send_and_receive(messages, timeout=timeout))
 
     def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                     timeout: float) -> tuple[ArrayRecord, dict[str, Any], int]:
