@@ -160,6 +160,8 @@ def _action_handler(action: str):
         content = RecordDict({"metrics": metrics})
         if result.arrays:
             content["arrays"] = ArrayRecord(result.arrays)
+        for name, state in getattr(result, "extra", {}).items():
+            content[name] = ArrayRecord(state)
         return Message(content, reply_to=msg)
 
     handle.__name__ = f"train_{action}"  # actions are identifiers (the registry checks)

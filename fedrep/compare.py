@@ -8,6 +8,11 @@ A comparison file is TOML::
     [overrides.fedavg]       # optional, per strategy
     local-epochs = 1
 
+An optional ``[sweep]`` names one run-config key and its values (``target-domain = ["original",
+"inverted"]`` for leave-one-domain-out): every strategy runs once per value, into
+``OUT/<value>/<strategy>/``, each value gets its own table, and ``OUT/results.md`` pivots the
+headline metric (target accuracy where there is one) to strategies x values, with the mean.
+
 Each strategy runs as its own ``fedrep run`` (own process, own Ray) into
 ``OUT/<strategy>/``. Finished runs are skipped and interrupted ones resumed, so re-running the
 command after a crash continues where it stopped. The table (``results.md`` and ``results.csv``)
@@ -39,6 +44,19 @@ class CompareConfig(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="Shared run-config keys.")
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                  description="Per-strategy run-config keys.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict, description="At most one run-config key with the values to run every "
+        "strategy at, e.g. target-domain = [\"original\", \"inverted\"].")
+
+    @field_validator("sweep")
+    @classmethod
+    def _one_key(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if len(sweep) > 1:
+            raise ValueError(f"sweep names {sorted(sweep)}; sweep one key per file")
+        for key, values in sweep.items():
+            if not values or len(set(map(str, values))) != len(values):
+                raise ValueError(f"sweep {key} = {values}: give distinct values")
+        return sweep
 
     @field_validator("strategies")
     @classmethod
@@ -48,8 +66,9 @@ class CompareConfig(BaseModel):
         return names
 
 
-def load_comparison(path: Path) -> tuple[CompareConfig, dict[str, RunConfig]]:
-    """Parse the file and validate every strategy's full run config before anything runs."""
+def load_comparison(path: Path, sweep_value: Any = None) -> tuple[CompareConfig, dict[str, RunConfig]]:
+    """Parse the file and validate every strategy's full run config before anything runs
+    (at ``sweep_value`` of the sweep key, if the file sweeps one)."""
     if not path.is_file():
         raise ConfigError(f"comparison file {path} does not exist")
     try:
@@ -63,11 +82,15 @@ def load_comparison(path: Path) -> tuple[CompareConfig, dict[str, RunConfig]]:
     if unknown:
         raise ConfigError(f"comparison file {path}: overrides for {sorted(unknown)}, which are not "
                           f"in strategies {labels}")
+    swept = {}
+    for key, values in spec.sweep.items():
+        swept = {key: values[0] if sweep_value is None else sweep_value}
     configs = {}  # label -> config, in file order
     for name in spec.strategies:
         label, _, strategy = name.partition("=")
-        values = {**spec.config, **spec.overrides.get(label, {}), "strategy": strategy or label}
-        configs[label] = parse_run_config(values, f"{path} (strategy {name})")
+        values = {**spec.config, **swept, **spec.overrides.get(label, {}), "strategy": strategy or label}
+        where = f"{path} (strategy {name}" + "".join(f", {k} = {v!r}" for k, v in swept.items()) + ")"
+        configs[label] = parse_run_config(values, where)
     return spec, configs
 
 
@@ -97,6 +120,7 @@ def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
     rows = run.read_metrics()
     cfg = run.saved_config()
     final = next((r for r in reversed(rows) if "accuracy-mean" in r or "loss-mean" in r), {})
+    trained = [r for r in rows if r.get("bytes-sent") is not None]
     sent = sum(r.get("bytes-sent", 0) for r in rows)
     received = sum(r.get("bytes-received", 0) for r in rows)
     out = {
@@ -108,6 +132,7 @@ def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
         "loss-mean": final.get("loss-mean"),
         "wall-seconds": sum(r.get("round-seconds", 0.0) for r in rows),
         "bytes-per-client": (sent + received) / cfg.num_clients,
+        "bytes-per-round": (sent + received) / max(len(trained), 1),
     }
     if "representation-distance" in final:
         out["representation-distance"] = final["representation-distance"]
@@ -188,11 +213,59 @@ def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
     ``only`` lets a long comparison be spread over several sessions or machines; the table always
     covers each strategy of the file whose run folder under ``out`` has completed.
     """
-    _, configs = load_comparison(path)
+    spec, configs = load_comparison(path)
     if only:
         unknown = sorted(set(only) - set(configs))
         if unknown:
             raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({list(configs)})")
+    if not spec.sweep:
+        return _compare_at(configs, out, only)
+    ((key, values),) = spec.sweep.items()
+    tables = {}
+    for value in values:
+        _, configs = load_comparison(path, value)
+        print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
+        _compare_at(configs, out / str(value), only)
+        tables[str(value)] = {n: summarize_run(n, RunDir((out / str(value) / n).resolve()))
+                              for n in configs if _completed(out / str(value) / n)}
+    write_sweep_table(key, list(configs), tables, out)
+    return out / "results.md"
+
+
+def headline(row: dict[str, Any]) -> float | None:
+    """The number a sweep table shows: target accuracy where there is one, else mean accuracy."""
+    value = row.get("target-accuracy", row.get("accuracy-mean"))
+    return None if value is None else float(value)
+
+
+def write_sweep_table(key: str, labels: list[str], tables: dict[str, dict[str, dict[str, Any]]],
+                      out: Path) -> None:
+    """Strategies x swept values of the headline metric, the mean over values run for every
+    strategy, and bytes per round (``OUT/results.md`` and ``OUT/results.csv``)."""
+    values = list(tables)
+    metric = "target accuracy" if any("target-accuracy" in r for t in tables.values()
+                                      for r in t.values()) else "mean local accuracy"
+    header = f"| strategy ({metric}) | " + " | ".join(f"{key} = {v}" for v in values) + \
+        " | mean | bytes per round |"
+    lines = [header, "|---" * (len(values) + 3) + "|"]
+    records = []
+    for label in labels:
+        cells = [headline(tables[v][label]) if label in tables[v] else None for v in values]
+        done = [c for c in cells if c is not None]
+        mean = sum(done) / len(done) if len(done) == len(values) else None
+        per_round = [tables[v][label]["bytes-per-round"] for v in values if label in tables[v]]
+        lines.append(f"| {label} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(mean)} | "
+                     f"{_bytes(max(per_round)) if per_round else '-'} |")
+        records.append({"strategy": label, **{f"{key}={v}": c for v, c in zip(values, cells, strict=True)},
+                        "mean": mean})
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name in configs:
         if only and name not in only:

@@ -107,6 +107,10 @@ class RunConfig(BaseModel):
         "/usr/share/datasets/fashion-mnist, then download.",
     )
 
+    model_width: int = Field(
+        0, ge=0, description="cnn-bn: channels of the first conv layer (0 = 32; 64 is the official "
+        "digit network's width). Narrow models make fast tests.")
+
     # --- multi-domain data (KD3A) ------------------------------------------------------------------
     target_domain: str = Field(
         "mnistm-style", description="Multi-domain sets: the unlabelled target domain (partition 0)."

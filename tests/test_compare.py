@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fedrep_cli
-from fedrep.compare import load_comparison
+from fedrep.compare import load_comparison, write_sweep_table
 from fedrep.config import ConfigError
 
 
@@ -59,3 +59,37 @@ def test_compare_runs_writes_table_and_resumes(tmp_path: Path):
     assert local_row.endswith("| 0 B |")  # Local-only sends no parameters either way
     again = fedrep_cli("compare", str(spec), "--out", str(out), timeout=120)  # all done: skips
     assert "results:" in again.stdout
+
+
+def test_sweep_runs_every_strategy_per_value_and_pivots_the_headline(tmp_path: Path):
+    spec = tmp_path / "lodo.toml"
+    spec.write_text('strategies = ["kd3a", "source-only=kd3a"]\n'
+                    '[sweep]\ntarget-domain = ["original", "rotated"]\n'
+                    '[config]\ndataset = "fmnist-domains"\nmodel = "cnn-bn"\nnum-clients = 5\n'
+                    '[overrides.source-only]\nstrategy-options = {mode = "source-only"}\n')
+    _, first = load_comparison(spec)
+    _, rotated = load_comparison(spec, "rotated")
+    assert {c.target_domain for c in first.values()} == {"original"}
+    assert rotated["source-only"].target_domain == "rotated"
+    assert rotated["source-only"].strategy_options == '{mode = "source-only"}'
+    bad = tmp_path / "bad.toml"
+    bad.write_text('strategies = ["kd3a"]\n[sweep]\ntarget-domain = ["original"]\nseed = [1, 2]\n')
+    with pytest.raises(ConfigError, match="sweep one key per file"):
+        load_comparison(bad)
+    bad.write_text('strategies = ["kd3a"]\n[config]\ndataset = "fmnist-domains"\nmodel = "cnn-bn"\n'
+                   'num-clients = 5\n[sweep]\ntarget-domain = ["original", "nowhere"]\n')
+    with pytest.raises(ConfigError, match="target-domain = 'nowhere'"):
+        load_comparison(bad, "nowhere")
+
+    def row(acc: float) -> dict:
+        return {"target-accuracy": acc, "accuracy-mean": 0.9, "bytes-per-round": 2e6}
+
+    tables = {"original": {"kd3a": row(0.8), "source-only": row(0.7)},
+              "rotated": {"kd3a": row(0.6)}}  # source-only not finished there yet
+    write_sweep_table("target-domain", ["kd3a", "source-only"], tables, tmp_path)
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    assert lines[0].startswith("| strategy (target accuracy) | target-domain = original | "
+                               "target-domain = rotated | mean |")
+    assert lines[2] == "| kd3a | 0.8000 | 0.6000 | 0.7000 | 2.0 MB |"
+    assert lines[3] == "| source-only | 0.7000 | - | - | 2.0 MB |"  # no mean over a partial row
+    assert "target-domain=rotated" in (tmp_path / "results.csv").read_text()

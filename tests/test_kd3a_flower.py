@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import fedrep_cli
-from fedrep.algorithms.kd3a.rule import KD3AOptions, KD3ARule, local_batches
+from fedrep.algorithms.kd3a.rule import ActionResult, KD3AOptions, KD3ARule, local_batches
 from fedrep.config import ConfigError, parse_run_config
 from fedrep.data.federated import WITHHELD_LABEL, ClientData
 from fedrep.models import DomainCNN
@@ -25,31 +25,58 @@ def _data(n: int, seed: int, labels: torch.Tensor | None = None) -> ClientData:
     return ClientData(x, y, x[: n // 2], torch.randint(0, 10, (n // 2,), generator=gen))
 
 
-def _adapt(rule: KD3ARule, target_labels: torch.Tensor) -> tuple[dict, dict]:
+def _adapt(rule: KD3ARule, target_labels: torch.Tensor, shift: float = 0.0) -> ActionResult:
     torch.manual_seed(0)
-    model = DomainCNN()
+    model = DomainCNN(width=8)
     sources = {}
     for pid in (1, 2, 3):
-        teacher = DomainCNN()
+        teacher = DomainCNN(width=8)
         rule.train_source(teacher, _data(48, pid), torch.Generator().manual_seed(pid))
         sources[f"source-{pid}"] = teacher.state_dict()
-    result = rule.adapt_target(model, _data(64, 9, target_labels), sources, gate=0.12,
-                               source_weights=torch.full((3,), 1 / 3),
-                               generator=torch.Generator().manual_seed(5))
-    return result.arrays, result.metrics
+    target = _data(64, 9, target_labels)
+    target = ClientData(target.x_train + shift, target.y_train, target.x_test, target.y_test)
+    return rule.adapt_target(model, target, sources, gate=0.12, source_weights=torch.full((3,), 1 / 3),
+                             generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("batchnorm", ["aggregate", "mmd-loss"])
 def test_target_adaptation_never_reads_target_labels(batchnorm: str):
     rule = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(batchnorm=batchnorm))
     withheld = torch.full((64,), WITHHELD_LABEL)
-    arrays, metrics = _adapt(rule, withheld)
-    leaked, leaked_metrics = _adapt(rule, torch.randint(0, 10, (64,)))  # real-looking labels instead
-    assert all(torch.equal(arrays[k], leaked[k]) for k in arrays) and metrics == leaked_metrics
+    result = _adapt(rule, withheld)
+    arrays, metrics = result.arrays, result.metrics
+    leaked = _adapt(rule, torch.randint(0, 10, (64,)))  # real-looking labels instead
+    assert all(torch.equal(arrays[k], leaked.arrays[k]) for k in arrays) and metrics == leaked.metrics
+    for name, stats in result.extra.items():
+        assert all(torch.equal(v, leaked.extra[name][k]) for k, v in stats.items())
     assert 0.0 < metrics["passed-fraction"] <= 1.0 and metrics["train-loss"] < 10
     assert {f"focus-{p}" for p in (1, 2, 3)} <= set(metrics)
     assert sum(metrics[f"focus-{p}"] for p in (1, 2, 3)) > 0  # confident votes carry quality
     assert set(arrays) == set(DomainCNN().representation_keys())  # the classifier stays home
+
+
+def test_teachers_vote_with_the_target_batch_statistics_as_the_official_code():
+    """Official ``train.py`` leaves every model in train mode while voting: a source normalises a
+    target batch with that batch's own BN statistics. A constant brightness shift of the target
+    then cannot change any vote (a valid conv of a constant is a per-channel constant, which the
+    next BN subtracts); with the sources' running statistics it does."""
+    official = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions())
+    plain, shifted = _adapt(official, torch.full((64,), WITHHELD_LABEL)), \
+        _adapt(official, torch.full((64,), WITHHELD_LABEL), shift=3.0)
+    for key in ("passed-fraction", "focus-1", "focus-2", "focus-3"):
+        assert shifted.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4, abs=1e-6)
+    running = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(teacher_batchnorm="running"))
+    assert _adapt(running, torch.full((64,), WITHHELD_LABEL), shift=3.0).metrics["passed-fraction"] != \
+        pytest.approx(_adapt(running, torch.full((64,), WITHHELD_LABEL)).metrics["passed-fraction"], rel=1e-3)
+    # The teachers' statistics, gathered on the target's batches, go back for aggregation.
+    assert set(plain.extra) == {"source-1-bn", "source-2-bn", "source-3-bn"}
+    first = plain.extra["source-1-bn"]
+    assert set(first) == {k for k in DomainCNN().state_dict() if k.startswith("body.")
+                          and k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")}
+    assert not torch.equal(first["body.1.running_mean"], shifted.extra["source-1-bn"]["body.1.running_mean"])
+    assert not _adapt(running, torch.full((64,), WITHHELD_LABEL)).extra  # nothing gathered to return
+    local = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(batchnorm="local"))
+    assert not _adapt(local, torch.full((64,), WITHHELD_LABEL)).extra  # BN statistics stay home
 
 
 def test_batchnorm_local_keeps_statistics_home_and_source_only_shares_all():

@@ -81,7 +81,8 @@ class ClientUpdateRule(ABC):
 
         ``model`` holds the received shared and the restored personal parameters; ``inputs`` are
         the message's other array records as state dicts, ``config`` its config record. Return an
-        object with ``arrays`` (a state dict to send back) and ``metrics`` (scalars); the
+        object with ``arrays`` (a state dict to send back) and ``metrics`` (scalars), and optionally
+        ``extra`` (name -> state dict, each sent as its own array record); the
         personal parameters are saved afterwards, as after ``fit``."""
         raise NotImplementedError(f"{type(self).__name__} handles no action {action!r}")
 

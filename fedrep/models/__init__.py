@@ -22,7 +22,7 @@ def build_model(cfg: RunConfig) -> SplitModel:
         if cfg.model == "cnn":
             return PaperCNN(num_classes=10, in_channels=1, image_size=28)
         if cfg.model == "cnn-bn":
-            return DomainCNN(num_classes=10)
+            return DomainCNN(num_classes=10, **({"width": cfg.model_width} if cfg.model_width else {}))
         if cfg.model == "mlp":
             return PaperMLP(in_features=28 * 28, num_classes=10)
         return LinearRepresentation(cfg.linear_dim, cfg.linear_rank)

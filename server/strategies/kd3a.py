@@ -10,7 +10,8 @@ Round t (message types tell the phases apart):
    each source's consensus focus.
 3. Domain weights from focus and passed fraction (:func:`domain_weights`), smoothed across
    rounds, weight the average of the target's and the sources' extractors (BN statistics too,
-   unless ``batchnorm = "local"``).
+   unless ``batchnorm = "local"``; the sources' BN statistics are those their models gathered
+   while voting on the target's batches, which the target returns, as in the official code).
 
 A source that fails or is lost gets weight 0 for the round; a lost target fails the round.
 """
@@ -25,13 +26,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrep.algorithms.kd3a import (
-    aggregate_state_dicts,
-    confidence_gate,
-    domain_weights,
-    moving_average_weights,
+from fedrep.algorithms.kd3a import aggregate_state_dicts, confidence_gate
+from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
+from fedrep.algorithms.kd3a.rule import (
+    SOURCE_ACTION,
+    TARGET_ACTION,
+    TARGET_PARTITION,
+    KD3AOptions,
+    KD3ARule,
+    teacher_bn_record,
 )
-from fedrep.algorithms.kd3a.rule import SOURCE_ACTION, TARGET_ACTION, TARGET_PARTITION, KD3AOptions, KD3ARule
 from fedrep.config import RunConfig
 from fedrep.registry import StrategyPlugin
 from server.records import from_record, to_record
@@ -90,7 +94,6 @@ class KD3AStrategy(SharedAveraging):
         if not models:
             raise RuntimeError(f"round {server_round}: every source failed; see the log")
         global_state = _tensors(arrays)
-        shared_keys = list(global_state)
         if self.options.mode == "source-only":
             states = [_tensors(models[p]) for p in sorted(models)]
             averaged = aggregate_state_dicts(states, torch.ones(len(states)))
@@ -114,27 +117,19 @@ class KD3AStrategy(SharedAveraging):
         if target_reply is None:
             raise RuntimeError(f"round {server_round}: the target failed: {self.last_failures}")
         target_metrics = target_reply.content[METRICS]
-        metrics["bytes-from-target"] = target_reply.content[ARRAYS].count_bytes()
+        metrics["bytes-from-target"] = sum(
+            r.count_bytes() for r in target_reply.content.array_records.values())
         passed = float(target_metrics["passed-fraction"])
-        focus = torch.zeros(num_sources, dtype=torch.float64)
-        for p in models:
-            focus[p - 1] = float(target_metrics[f"focus-{p}"])
-        if not self.options.consensus_focus:
-            focus = torch.tensor([1.0 if p in models else 0.0 for p in range(1, num_sources + 1)],
-                                 dtype=torch.float64)
-        new = domain_weights(focus, passed)
-        self.weights = moving_average_weights(self.weights, new, self.options.weight_momentum)
-        # Lost sources take no part this round: their stand-in is the old global extractor at weight 0.
-        weights = self.weights.clone()
-        states = [_tensors(target_reply.content[ARRAYS])]
-        for p in range(1, num_sources + 1):
-            if p in models:
-                full = _tensors(models[p])
-                states.append({k: full[k] for k in shared_keys})
-            else:
-                states.append(global_state)
-                weights[p] = 0.0
-        averaged = aggregate_state_dicts(states, weights)
+        records = target_reply.content.array_records
+        report = TargetReport(
+            arrays=_tensors(records[ARRAYS]), passed_fraction=passed,
+            focus={p: float(target_metrics[f"focus-{p}"]) for p in models},
+            teacher_bn={p: _tensors(records[teacher_bn_record(p)]) for p in models
+                        if teacher_bn_record(p) in records})
+        result = aggregate_round(global_state, {p: _tensors(models[p]) for p in models}, report,
+                                 num_sources, self.weights, self.options.consensus_focus,
+                                 self.options.weight_momentum)
+        self.weights, focus, averaged = result.weights, result.focus, result.state
         metrics.update({"passed-fraction": passed, "gate": gate,
                         "train-loss": float(target_metrics["train-loss"])})
         for p, domain in enumerate(self.domains):

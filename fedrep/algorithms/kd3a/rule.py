@@ -12,6 +12,14 @@ domain-weighted aggregate, the classifier (``head``) stays with its party (offic
   accumulate each subset's consensus quality for consensus focus; optionally add the paper's
   BN-MMD loss. Return the body and the round's statistics (passed fraction, focus per source).
 
+The teachers (source models on the target) vote in training mode, as the official code's
+``model.train()`` has them do: each normalises a target batch with that batch's own statistics,
+which removes most of a domain's first- and second-moment shift before the vote. Their running
+statistics then track the target's data as seen through each source's weights; the official
+``federated_average`` averages exactly those (the models share one process there), so the target
+sends them back (``source-<pid>-bn``, a few kB) and the server averages them in place of the
+sources' own BN statistics.
+
 The source-only baseline (``mode = "source-only"``) is FedAvg over the sources: whole models are
 averaged and the target only evaluates the global model.
 """
@@ -64,6 +72,10 @@ class KD3AOptions(BaseModel):
         "aggregate", description="'aggregate': BN statistics averaged with the domain weights (official "
         "BN-MMD); 'mmd-loss': that plus the paper's BN-MMD loss on the target; 'local': BN statistics "
         "never leave a party (ablation without BN-MMD).")
+    teacher_batchnorm: Literal["target-batch", "running"] = Field(
+        "target-batch", description="'target-batch': source models vote in training mode, normalising "
+        "each target batch with its own statistics (official); 'running': with the sources' own "
+        "running statistics (ablation).")
     mmd_weight: float = Field(1.0, ge=0, description="Weight of the BN-MMD loss in 'mmd-loss'.")
     mixup_alpha: float = Field(2.0, gt=0, description="Beta(alpha, alpha) mixup on the target (official 2).")
     weight_momentum: float = Field(
@@ -72,10 +84,17 @@ class KD3AOptions(BaseModel):
 
 @dataclass(frozen=True)
 class ActionResult:
-    """What an action sends back: arrays (a state dict) and scalar metrics."""
+    """What an action sends back: arrays (a state dict), scalar metrics, and further named state
+    dicts that travel as their own array records in the same reply."""
 
     arrays: dict[str, torch.Tensor]
     metrics: dict[str, float | int] = field(default_factory=dict)
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def teacher_bn_record(pid: int) -> str:
+    """Name of the array record carrying source ``pid``'s BN statistics as the target saw them."""
+    return f"source-{pid}-bn"
 
 
 def local_batches(num_samples: int, batch_size: int, rounds_per_epoch: float) -> int:
@@ -157,11 +176,12 @@ class KD3ARule(ClientUpdateRule):
 
         Never reads ``data.y_train`` (withheld labels)."""
         names = sorted(sources, key=lambda n: int(n.rsplit("-", 1)[1]))
+        vote_on_target_batches = self.options.teacher_batchnorm == "target-batch"
         teachers = []
         for name in names:
             teacher = copy.deepcopy(model)
             teacher.load_state_dict(sources[name])
-            teacher.eval()
+            teacher.train(vote_on_target_batches)  # copies: their running statistics are ours to update
             teachers.append(teacher)
         source_bn = [bn_statistics_from_state(sources[n]) for n in names]
         count = local_batches(data.num_train, self.cfg.batch_size, self.options.rounds_per_epoch)
@@ -201,4 +221,9 @@ class KD3ARule(ClientUpdateRule):
                                            "passed-fraction": passed / max(seen, 1), "local-steps": count}
         for name, value in zip(names, focus.tolist(), strict=True):
             metrics[f"focus-{name.rsplit('-', 1)[1]}"] = float(value)
-        return ActionResult({k: state[k].detach().clone() for k in self.shared_keys(model)}, metrics)
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        if vote_on_target_batches and self.options.batchnorm != "local":
+            for name, teacher in zip(names, teachers, strict=True):
+                extra[teacher_bn_record(int(name.rsplit("-", 1)[1]))] = {
+                    k: v.detach().clone() for k, v in teacher.state_dict().items() if is_bn_buffer(k)}
+        return ActionResult({k: state[k].detach().clone() for k in self.shared_keys(model)}, metrics, extra)

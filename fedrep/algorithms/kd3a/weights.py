@@ -115,7 +115,9 @@ def aggregate_state_dicts(
     - ``batchnorm_mmd=True`` (all official configs): every ``state_dict`` entry is averaged, BN
       ``running_mean``/``running_var`` included (this *is* the official "BatchNorm MMD": the target's
       BN statistics become the domain-weighted mix of all domains' statistics, the minimiser of the
-      paper's BN-MMD over the target statistics, see :mod:`~fedrep.algorithms.kd3a.batchnorm`), and
+      paper's BN-MMD over the target statistics, see :mod:`~fedrep.algorithms.kd3a.batchnorm`;
+      the official sources' statistics at that point were gathered on the target's batches during
+      the vote, which :class:`~fedrep.algorithms.kd3a.rule.KD3ARule` reproduces), and
       ``num_batches_tracked`` too (official: a float weighted sum copied back into the long buffer,
       i.e. truncated; here rounded to the nearest integer so equal counts stay equal).
     - ``batchnorm_mmd=False`` (``aggregate_bn_statistics=False`` here): only ``named_parameters`` are
