@@ -7,12 +7,16 @@ Measures, side by side in one invocation:
 * ideal: reference / number of parallel client workers (what a perfect parallel engine gets);
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
   from round 2 so that Ray actors are up and client data is cached, as in any long run;
+* stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
+  rebuilds the model and reloads and re-partitions its data on every message, as ClientApps
+  written the usual way do;
 * head-cache: the local update with and without head epochs on cached body features.
 
 Prints the ratios and writes them to ``bench/out/round_overhead.json``.
 
     python bench/round_overhead.py                      # 100 clients x 600 images, CNN
     python bench/round_overhead.py --model mlp --fraction 0.1
+    python bench/round_overhead.py --tiny               # 1,000 one-batch FedAvg clients: clients/s
 """
 
 from __future__ import annotations
@@ -68,14 +72,16 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def flower_round(args, workdir: Path) -> float:
-    run_dir = workdir / "flower-run"
-    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--num-clients", str(args.clients),
-           "--rounds", "2", "--model", args.model, "--set", f"fraction-train={args.fraction}",
-           "--set", f"run-dir={run_dir}", "--set", f"max-train-per-client={args.max_train}",
-           "--set", "final-finetune-epochs=0"]  # round 2 is the last: no extra fine-tune work
+def flower_round(settings: dict, workdir: Path, client_app: str | None = None) -> float:
+    """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys)."""
+    run_dir = workdir / ("stock-run" if client_app else "flower-run")
+    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", "2", "--set", f"run-dir={run_dir}"]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    if client_app:
+        cmd += ["--client-app", client_app]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+                   cwd=Path(__file__).resolve().parents[1], env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     return float(RunDir(run_dir).read_metrics()[1]["round-seconds"])
 
 
@@ -88,35 +94,59 @@ def main() -> None:
     parser.add_argument("--cache-clients", type=int, default=5,
                         help="clients timed for the head-cache speed-up")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    parser.add_argument("--tiny", action="store_true",
+                        help="throughput of tiny clients: 1,000 FedAvg clients of one batch (10 images)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock-ClientApp run")
     args = parser.parse_args()
 
-    cfg = parse_run_config({"num-clients": args.clients, "model": args.model,
-                            "fraction-train": args.fraction,
-                            "max-train-per-client": args.max_train})
+    settings = {"num-clients": args.clients, "model": args.model, "fraction-train": args.fraction,
+                "max-train-per-client": args.max_train,
+                "final-finetune-epochs": 0}  # round 2 is the last: no extra fine-tune work
+    if args.tiny:  # one local step per client call, evaluation on 10 images
+        settings.update({"strategy": "fedavg", "num-clients": 1000 if args.clients == 100 else args.clients,
+                         "max-train-per-client": 10, "max-test-per-client": 10, "batch-size": 10,
+                         "local-epochs": 1})
+    cfg = parse_run_config(settings)
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
-        flower_s = flower_round(args, Path(tmp))
+        flower_s = flower_round(settings, Path(tmp))
+        stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
     reference_s = reference_round(cfg, server_round=2)
     ideal_s = reference_s / workers
-    plain_s, cached_s = head_cache_speedup(cfg, args.cache_clients)
+    trained = len(sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train))
+    calls = trained + cfg.num_clients  # train + evaluate messages in the round
     result = {
-        "clients": args.clients, "fraction-train": args.fraction, "model": args.model,
-        "workers": workers, "reference-s": reference_s, "ideal-s": ideal_s, "flower-s": flower_s,
+        "strategy": cfg.strategy, "clients": cfg.num_clients, "fraction-train": cfg.fraction_train,
+        "model": cfg.model, "workers": workers, "client-calls": calls,
+        "reference-s": reference_s, "ideal-s": ideal_s, "flower-s": flower_s,
         "flower-over-ideal": flower_s / ideal_s, "flower-over-reference": flower_s / reference_s,
-        "head-cache-plain-s": plain_s, "head-cache-cached-s": cached_s,
-        "head-cache-speedup": plain_s / cached_s,
+        "flower-calls-per-s": calls / flower_s, "ideal-calls-per-s": calls / ideal_s,
     }
+    if stock_s is not None:
+        result.update({"stock-s": stock_s, "stock-over-ideal": stock_s / ideal_s,
+                       "stock-over-flower": stock_s / flower_s})
+    if not args.tiny:
+        plain_s, cached_s = head_cache_speedup(cfg, args.cache_clients)
+        result.update({"head-cache-plain-s": plain_s, "head-cache-cached-s": cached_s,
+                       "head-cache-speedup": plain_s / cached_s})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "round_overhead.json").write_text(json.dumps(result, indent=2))
-    print(f"one FedRep round, {args.clients} clients (fraction {args.fraction}), {args.model}, "
-          f"{workers} workers")
+    name = "tiny_clients.json" if args.tiny else "round_overhead.json"
+    (out / name).write_text(json.dumps(result, indent=2))
+    print(f"one {cfg.strategy} round, {cfg.num_clients} clients (fraction {cfg.fraction_train}), "
+          f"{cfg.model}, {workers} workers, {calls} client calls")
     print(f"  reference (1 process): {reference_s:8.2f} s")
-    print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s")
-    print(f"  Flower simulation:     {flower_s:8.2f} s")
+    print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
+    print(f"  Flower simulation:     {flower_s:8.2f} s   {calls / flower_s:8.1f} calls/s")
+    if stock_s is not None:
+        print(f"  stock ClientApp:       {stock_s:8.2f} s   {calls / stock_s:8.1f} calls/s")
     print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x")
     print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
-    print(f"  head-feature cache speed-up of the local update = {plain_s / cached_s:.2f}x")
+    if stock_s is not None:
+        print(f"  stock / ideal        = {stock_s / ideal_s:.2f}x")
+        print(f"  stock / fedrep       = {stock_s / flower_s:.2f}x")
+    if "head-cache-speedup" in result:
+        print(f"  head-feature cache speed-up of the local update = {result['head-cache-speedup']:.2f}x")
 
 
 if __name__ == "__main__":

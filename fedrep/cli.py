@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--superlink", metavar="CONNECTION",
                      help="with --engine flwr: submit to this deployed SuperLink (a connection in "
                           "$FLWR_HOME/config.toml, see deploy/README.md) instead of a local one")
+    run.add_argument("--client-app", default=None, metavar="MODULE:ATTR",
+                     help="simulation only: a different ClientApp object (default clients.app:app), "
+                          "e.g. bench.stock_clientapp:app, the per-call-rebuild reference of bench/")
     run.add_argument("-v", "--verbose", action="store_true", help="Flower debug logs")
 
     plot = sub.add_parser("plot", help="(re)draw a run's plot")
@@ -205,15 +208,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         _flwr_submit(cfg, args.app, args.superlink)
         print(f"results: {cfg.run_dir} on the ServerApp's host (compose: the fedrep-results volume)")
         return 0
+    if args.client_app and args.engine != "simulation":
+        raise ConfigError("--client-app works with --engine simulation; a deployment's ClientApp is "
+                          "the app folder's [tool.flwr.app.components] clientapp")
+    if args.client_app:
+        from fedrep.simulation import check_component
+
+        check_component(args.client_app)
     cfg = resolve_run_config(args)
     preflight(cfg)
     if args.engine == "flwr":
         _flwr_run(cfg, args.app, args.verbose)
     else:
-        from fedrep.simulation import simulate
+        from fedrep.simulation import CLIENT_APP, simulate
 
         with tempfile.TemporaryDirectory(prefix="fedrep-app-") as app_dir:
-            simulate(cfg, Path(app_dir), verbose=args.verbose)
+            simulate(cfg, Path(app_dir), verbose=args.verbose,
+                     client_app=args.client_app or CLIENT_APP)
     print(f"results: {cfg.run_dir}")
     for name in ("metrics.csv", "metrics.jsonl", "plot.png", "checkpoints/"):
         print(f"  {Path(cfg.run_dir) / name}")

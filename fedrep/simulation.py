@@ -28,14 +28,34 @@ SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
 FORWARDED_ENV = ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR", "FEDREP_OFFLINE", "FEDREP_CLIENT_CACHE")
 
 
-def write_app_dir(cfg: RunConfig, folder: Path) -> Path:
+def check_component(reference: str) -> None:
+    """Fail early, naming the fix, if ``module:attr`` does not name an importable object. Modules
+    resolve from the current directory too, as with ``python -m`` (the Ray workers inherit this
+    process's ``sys.path``)."""
+    import importlib
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module, sep, attr = reference.partition(":")
+    if not sep or not module or not attr.isidentifier():
+        raise ConfigError(f"--client-app {reference!r}: write MODULE:ATTR, e.g. clients.app:app")
+    try:
+        found = hasattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        raise ConfigError(f"--client-app {reference!r}: cannot import {module} ({err}); run from the "
+                          "repository root or install the package that holds it") from None
+    if not found:
+        raise ConfigError(f"--client-app {reference!r}: {module} has no attribute {attr!r}")
+
+
+def write_app_dir(cfg: RunConfig, folder: Path, client_app: str = CLIENT_APP) -> Path:
     """A minimal Flower app folder whose default run config is ``cfg``."""
     folder.mkdir(parents=True, exist_ok=True)
     lines = [
         "[project]", 'name = "fedrep-run"', 'version = "0.0.0"', "",
         "[tool.flwr.app]", 'publisher = "fedrep"', "",
         "[tool.flwr.app.components]",
-        f'serverapp = "{SERVER_APP}"', f'clientapp = "{CLIENT_APP}"', "",
+        f'serverapp = "{SERVER_APP}"', f'clientapp = "{client_app}"', "",
         "[tool.flwr.app.config]",
     ]
     lines += [f"{key} = {toml_value(value)}" for key, value in cfg.to_flower().items()]
@@ -150,8 +170,9 @@ def ray_summary(cfg: RunConfig, address: str) -> tuple[str, float, int]:
     return summary, gpus, clients_at_once(nodes, cfg.client_cpus, cfg.client_gpus)
 
 
-def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False) -> None:
-    """Run ``cfg`` (already validated; ``run-dir`` already decided) to completion."""
+def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: str = CLIENT_APP) -> None:
+    """Run ``cfg`` (already validated; ``run-dir`` already decided) to completion with the
+    ``client_app`` component (``module:attr``)."""
     quiet_flower_env()
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
@@ -162,7 +183,7 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False) -> None:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    write_app_dir(cfg, app_dir)
+    write_app_dir(cfg, app_dir, client_app)
     run_config = cfg.to_flower()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
     run.primary_task_id = generate_rand_int_from_bytes(8)
@@ -183,7 +204,7 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False) -> None:
             num_supernodes=cfg.num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
+            client_app_attr=client_app,
             backend_name="ray",
             backend_config=backend_config,
             server_app_context=context,

@@ -1,0 +1,116 @@
+"""Does memory grow with the clients sampled per round, or with the whole federation?
+
+Runs FedRep on Fashion-MNIST (pathological, s=2) twice with the same number of clients per
+round: 10,000 clients at 10% participation and 2,000 at 50% (1,000 trained per round either way,
+and as many evaluated), and samples the memory of the whole process tree (driver, Ray, every
+ClientApp worker) as the sum of proportional set sizes (``Pss`` in ``/proc/PID/smaps_rollup``,
+so pages shared between workers count once). Prints peak memory and seconds per round; writes
+``bench/out/scale.json``.
+
+    python bench/scale.py                      # 10,000 vs 2,000 clients, 3 rounds each
+    python bench/scale.py --clients 10000 --fraction 0.1 --rounds 2 --only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from fedrep.results import RunDir
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def tree_pss_bytes(root: int) -> int:
+    """Sum of Pss over ``root`` and all its descendants (0 for processes that vanished)."""
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(_children(pid))
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def measured_run(clients: int, fraction: float, rounds: int, workdir: Path) -> dict:
+    run_dir = workdir / f"n{clients}"
+    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--num-clients", str(clients), "--rounds", str(rounds),
+           "--set", f"fraction-train={fraction}", "--set", f"fraction-evaluate={fraction}",
+           "--set", "final-finetune-epochs=0", "--set", f"run-dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    peak, samples = 0, []
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            now = tree_pss_bytes(proc.pid)
+            peak = max(peak, now)
+            samples.append(now)
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"run with {clients} clients failed:\n{err[-3000:]}")
+    rows = RunDir(run_dir).read_metrics()
+    per_round = [r["round-seconds"] for r in rows]
+    return {"clients": clients, "fraction": fraction, "sampled-per-round": round(clients * fraction),
+            "rounds": len(rows), "peak-memory-bytes": peak, "seconds-per-round": per_round,
+            "seconds-per-round-after-first": sum(per_round[1:]) / max(len(per_round) - 1, 1),
+            "final-accuracy-mean": rows[-1].get("accuracy-mean")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", action="store_true", help="skip the smaller comparison run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = parser.parse_args()
+    runs = [(args.clients, args.fraction)]
+    if not args.only:  # same clients per round out of a federation five times smaller
+        runs.append((args.clients // 5, min(1.0, args.fraction * 5)))
+    with tempfile.TemporaryDirectory(prefix="fedrep-scale-") as tmp:
+        results = [measured_run(n, f, args.rounds, Path(tmp)) for n, f in runs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(results, indent=2))
+    for r in results:
+        print(f"{r['clients']:>6} clients, {r['sampled-per-round']} per round: peak memory "
+              f"{r['peak-memory-bytes'] / 2**30:.2f} GiB, {r['seconds-per-round-after-first']:.1f} s/round "
+              f"(rounds: {', '.join(f'{s:.1f}' for s in r['seconds-per-round'])})")
+    if len(results) == 2:
+        print(f"peak memory ratio (5x the clients, same per round): "
+              f"{results[0]['peak-memory-bytes'] / results[1]['peak-memory-bytes']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
