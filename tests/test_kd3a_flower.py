@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import fedrep_cli
+from fedrep.algorithms.kd3a.inprocess import run_kd3a
 from fedrep.algorithms.kd3a.rule import ActionResult, KD3AOptions, KD3ARule, local_batches
 from fedrep.config import ConfigError, parse_run_config
 from fedrep.data.federated import WITHHELD_LABEL, ClientData
 from fedrep.models import DomainCNN
+from fedrep.results import RunDir
 
 KD3A_CONFIG = {"strategy": "kd3a", "dataset": "fmnist-domains", "model": "cnn-bn", "num-clients": 5,
                "batch-size": 16}
@@ -130,3 +133,15 @@ def test_kd3a_runs_on_flower_with_its_own_message_types(tmp_path: Path):
     assert ("train.kd3a_source", 0) not in kinds  # the unlabelled target never trains as a source
     state = json.loads((run_dir / "state.json").read_text())
     assert len(state["strategy-state"]["domain-weights"]) == 4  # resumable moving average
+
+    # The in-process loop (what the robustness tests drive) is the same arithmetic: same global
+    # extractor after two rounds, same domain weights.
+    run = RunDir(run_dir)
+    cfg = run.saved_config()
+    local = run_kd3a(cfg, KD3AOptions(), rounds=2)
+    flower = run.load_checkpoint(2)
+    assert set(flower) == set(local.shared)
+    for key, value in local.shared.items():
+        assert np.allclose(flower[key], value.numpy(), rtol=1e-5, atol=1e-6), key
+    assert local.weights is not None
+    assert state["strategy-state"]["domain-weights"] == pytest.approx(local.weights.tolist(), abs=1e-6)
