@@ -5,6 +5,8 @@ Measures, side by side in one invocation:
 * reference: the same round (local updates of the sampled clients, then evaluation of all
   clients) as one plain PyTorch loop in this process, data preloaded, 1 thread;
 * ideal: reference / number of parallel client workers (what a perfect parallel engine gets);
+* plain parallel: the reference loop split over that many processes started together, i.e. what
+  the machine's cores actually give plain PyTorch (shared caches, memory bandwidth, clock);
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
   from round 2 so that Ray actors are up and client data is cached, as in any long run;
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -41,21 +44,49 @@ from fedrep.registry import get_strategy
 from fedrep.results import RunDir
 
 
-def reference_round(cfg, server_round: int) -> float:
-    """Seconds for one round of the same arithmetic in one process (data preloaded)."""
+def reference_round(cfg, server_round: int, shard: int = 0, shards: int = 1, barrier=None) -> float:
+    """Seconds for one round of the same arithmetic in one process (data preloaded); with
+    ``shards`` > 1 only every ``shards``-th client from ``shard`` on, after ``barrier``."""
     rule = get_strategy(cfg.strategy).client_rule(cfg)
     model = rule.prepare_model(build_model(cfg))
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
-    datas = [load_client_data(cfg, c) for c in range(cfg.num_clients)]
+    sampled = sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train)
+    trained = sampled[shard::shards]
+    evaluated = list(range(cfg.num_clients))[shard::shards]
+    datas = {c: load_client_data(cfg, c) for c in {*trained, *evaluated}}
     torch.set_num_threads(cfg.client_threads)
+    if trained:  # warm up (first-call kernel set-up), as Flower's round 2 is warm
+        model.load_state_dict(start_state)
+        rule.fit(model, datas[trained[0]], round_generator(cfg.seed, 0, trained[0]))
+    if barrier is not None:
+        barrier.wait()
     t0 = time.perf_counter()
-    for client in sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train):
+    for client in trained:
         model.load_state_dict(start_state)
         rule.fit(model, datas[client], round_generator(cfg.seed, server_round, client))
-    for client in range(cfg.num_clients):
+    for client in evaluated:
         model.load_state_dict(start_state)
         rule.evaluate(model, datas[client], round_generator(cfg.seed, server_round, client, EVAL))
     return time.perf_counter() - t0
+
+
+def _shard(settings: dict, server_round: int, shard: int, shards: int, barrier, results) -> None:
+    results.put(reference_round(parse_run_config(settings), server_round, shard, shards, barrier))
+
+
+def parallel_reference_round(settings: dict, server_round: int, workers: int) -> float:
+    """Wall seconds for the plain loop split over ``workers`` processes started together: what
+    this machine's cores give plain PyTorch, the bound no engine can beat here."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_shard, args=(settings, server_round, i, workers, barrier, results))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    times = [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return max(times)
 
 
 def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
@@ -113,6 +144,7 @@ def main() -> None:
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
     reference_s = reference_round(cfg, server_round=2)
     ideal_s = reference_s / workers
+    parallel_s = parallel_reference_round(settings, 2, workers)
     trained = len(sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train))
     calls = trained + cfg.num_clients  # train + evaluate messages in the round
     result = {
@@ -121,6 +153,8 @@ def main() -> None:
         "reference-s": reference_s, "ideal-s": ideal_s, "flower-s": flower_s,
         "flower-over-ideal": flower_s / ideal_s, "flower-over-reference": flower_s / reference_s,
         "flower-calls-per-s": calls / flower_s, "ideal-calls-per-s": calls / ideal_s,
+        "parallel-plain-s": parallel_s, "parallel-plain-over-ideal": parallel_s / ideal_s,
+        "flower-over-parallel-plain": flower_s / parallel_s,
     }
     if stock_s is not None:
         result.update({"stock-s": stock_s, "stock-over-ideal": stock_s / ideal_s,
@@ -137,11 +171,14 @@ def main() -> None:
           f"{cfg.model}, {workers} workers, {calls} client calls")
     print(f"  reference (1 process): {reference_s:8.2f} s")
     print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
+    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s")
     print(f"  Flower simulation:     {flower_s:8.2f} s   {calls / flower_s:8.1f} calls/s")
     if stock_s is not None:
         print(f"  stock ClientApp:       {stock_s:8.2f} s   {calls / stock_s:8.1f} calls/s")
     print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x")
     print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
+    print(f"  plain {workers} procs / ideal = {parallel_s / ideal_s:.2f}x   (Flower / plain {workers} procs "
+          f"= {flower_s / parallel_s:.2f}x)")
     if stock_s is not None:
         print(f"  stock / ideal        = {stock_s / ideal_s:.2f}x")
         print(f"  stock / fedrep       = {stock_s / flower_s:.2f}x")
