@@ -2,7 +2,10 @@
 
 Two layers, both on the client's side of the wire:
 
-* Flower node state (``context.state``): kept by the SuperNode across rounds of one run;
+* Flower node state (``context.state``): kept by the SuperNode across rounds of one run. Only a
+  deployed SuperNode (one client, ``state-dir`` in its node config) uses it. A simulation hosts
+  every virtual node's context in the driver's memory, so there the head goes to the file alone
+  and memory grows with the clients sampled per round, not with the federation (10,000 clients);
 * a node-local file, written by the client itself after every local update, so that a stopped
   run resumes exactly and a restarted node gets its head back. In simulation it lives under the
   run folder (``RUN_DIR/client-state``); a deployed SuperNode sets ``state-dir`` in its node
@@ -58,11 +61,17 @@ def load_personal(context: Context, run_dir: str, partition: int, server_round: 
     return None, "fresh"
 
 
+def keeps_node_state(context: Context) -> bool:
+    """Whether this node holds its head in memory too: deployed SuperNodes (``state-dir``) only."""
+    return bool(context.node_config.get("state-dir"))
+
+
 def save_personal(context: Context, run_dir: str, partition: int, server_round: int,
                   params: Params) -> None:
     params = {k: v.detach().clone() for k, v in params.items()}
-    context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
-    context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
+    if keeps_node_state(context):
+        context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
+        context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
     path = client_state_file(state_root(context, run_dir), partition)
     versions = _read_versions(path)
     versions[server_round] = params

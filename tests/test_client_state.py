@@ -20,14 +20,24 @@ def _head(value: float) -> dict[str, torch.Tensor]:
 
 
 def test_fresh_then_node_state_then_file(tmp_path: Path):
-    ctx = _ctx()
+    deployed = {"state-dir": str(tmp_path / "node")}  # a SuperNode hosting one client
+    ctx = _ctx(deployed)
     assert load_personal(ctx, str(tmp_path), 3, server_round=1) == (None, "fresh")
     save_personal(ctx, str(tmp_path), 3, 1, _head(1.0))
     params, source = load_personal(ctx, str(tmp_path), 3, server_round=2)
     assert source == "node-state" and params["head.bias"][0] == 1.0
     # a new process (empty node state) finds the client's own file
-    params, source = load_personal(_ctx(), str(tmp_path), 3, server_round=2)
+    params, source = load_personal(_ctx(deployed), str(tmp_path), 3, server_round=2)
     assert source == "file" and params["head.weight"][0, 0] == 1.0
+
+
+def test_simulated_nodes_keep_heads_on_disk_only(tmp_path: Path):
+    """A simulation holds every virtual node's context in one process: no head may stay there."""
+    ctx = _ctx()
+    save_personal(ctx, str(tmp_path), 3, 1, _head(2.0))
+    assert len(ctx.state.array_records) == 0 and len(ctx.state.config_records) == 0
+    params, source = load_personal(ctx, str(tmp_path), 3, server_round=2)
+    assert source == "file" and params["head.bias"][0] == 2.0
 
 
 def test_restore_picks_newest_version_before_the_round(tmp_path: Path):
