@@ -152,8 +152,11 @@ def _action_handler(action: str):
         job = _prepare(msg, context, after_training=False)
         inputs = {name: record.to_torch_state_dict() for name, record in msg.content.array_records.items()
                   if name != "arrays"}
-        result = job.rule.act(action, job.model, job.data(), job.partition, inputs,
-                              dict(msg.content["config"]), job.generator(TRAIN))
+        config = dict(msg.content["config"])
+        if "role" in context.node_config:  # a deployed node may declare its role; the rule checks it
+            config["node-role"] = str(context.node_config["role"])
+        result = job.rule.act(action, job.model, job.data(), job.partition, inputs, config,
+                              job.generator(TRAIN))
         _keep_personal(job, context)
         metrics = MetricRecord({**result.metrics, "partition-id": job.partition,
                                 "personal-restored": RESTORED_CODE[job.restored]})

@@ -37,14 +37,47 @@ DEFAULT_DOMAINS = {"fmnist-domains": ("original", "inverted", "mnistm-style", "r
                    "digit-five": ("mnist", "mnistm", "svhn", "syn", "usps")}
 
 
+def _expand_sources(sources: str) -> list[str]:
+    """``"original*2, inverted"`` -> ``["original", "original", "inverted"]``: ``name*k`` gives a
+    domain k source nodes, which split its data between them."""
+    out: list[str] = []
+    for item in (s.strip() for s in sources.split(",")):
+        if not item:
+            continue
+        name, star, count = item.partition("*")
+        if star and not (count.strip().isdigit() and int(count) >= 1):
+            raise ValueError(f"source-domains item {item!r}: write name*k with a whole k >= 1, "
+                             "e.g. original*3")
+        out += [name.strip()] * (int(count) if star else 1)
+    return out
+
+
 def domain_layout(dataset: str, target: str, sources: str, irrelevant: bool) -> list[str]:
     """The domain of each partition of a multi-domain set: target first, then the sources
-    (``sources`` comma-separated, empty = all other domains), then the irrelevant source."""
+    (``sources`` comma-separated, ``name*k`` for k nodes of one domain, empty = all other
+    domains), then the irrelevant source."""
     if dataset not in MULTI_DOMAIN:
         return []
-    chosen = [d.strip() for d in sources.split(",") if d.strip()] or [
-        d for d in DEFAULT_DOMAINS[dataset] if d != target]
+    chosen = _expand_sources(sources) or [d for d in DEFAULT_DOMAINS[dataset] if d != target]
     return [target, *chosen, *(["irrelevant"] if irrelevant else [])]
+
+
+def party_names(layout: list[str]) -> list[str]:
+    """A unique name per partition for metrics: the domain, or ``domain-j`` (j = 1..k) when k
+    nodes share it."""
+    counts = {d: layout.count(d) for d in layout}
+    seen: dict[str, int] = {}
+    names = []
+    for domain in layout:
+        seen[domain] = seen.get(domain, 0) + 1
+        names.append(domain if counts[domain] == 1 else f"{domain}-{seen[domain]}")
+    return names
+
+
+def domain_share(layout: list[str], partition: int) -> tuple[int, int]:
+    """(j, k): partition is the j-th (0-based) of the k nodes sharing its domain."""
+    domain = layout[partition]
+    return layout[:partition].count(domain), layout.count(domain)
 
 
 class ConfigError(ValueError):
@@ -250,8 +283,9 @@ class RunConfig(BaseModel):
             for name in domains:
                 if name not in (*known, "irrelevant"):
                     raise ValueError(f"domain {name!r} is not a domain of {self.dataset}; use {known}")
-            if len(set(domains)) != len(domains):
-                raise ValueError(f"domains {domains} repeat one; the target cannot also be a source")
+            if domains[0] in domains[1:]:
+                raise ValueError(f"target {domains[0]!r} is also listed as a source ({domains[1:]}); "
+                                 "leave it out of source-domains")
             if self.num_clients != len(domains):
                 raise ValueError(
                     f"num-clients={self.num_clients}, but {self.dataset} with target {domains[0]!r} and "
@@ -266,6 +300,10 @@ class RunConfig(BaseModel):
     def domain_layout(self) -> list[str]:
         """Multi-domain sets: the domain of each partition, target first."""
         return domain_layout(self.dataset, self.target_domain, self.source_domains, self.irrelevant_source)
+
+    def party_names(self) -> list[str]:
+        """Multi-domain sets: a unique name per partition (``domain`` or ``domain-j``)."""
+        return party_names(self.domain_layout())
 
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's run config carries."""

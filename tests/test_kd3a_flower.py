@@ -13,7 +13,7 @@ from conftest import fedrep_cli
 from fedrep.algorithms.kd3a.inprocess import run_kd3a
 from fedrep.algorithms.kd3a.rule import ActionResult, KD3AOptions, KD3ARule, local_batches
 from fedrep.config import ConfigError, parse_run_config
-from fedrep.data.federated import WITHHELD_LABEL, ClientData
+from fedrep.data.federated import WITHHELD_LABEL, ClientData, load_client_data
 from fedrep.models import DomainCNN
 from fedrep.results import RunDir
 
@@ -108,6 +108,29 @@ def test_multi_domain_config_names_the_fix():
     cfg = parse_run_config({**KD3A_CONFIG, "num-clients": 3, "target-domain": "rotated",
                             "source-domains": "original, inverted"})
     assert cfg.domain_layout() == ["rotated", "original", "inverted"]
+    with pytest.raises(ConfigError, match="name\\*k with a whole k"):
+        parse_run_config({**KD3A_CONFIG, "source-domains": "original*two"})
+    with pytest.raises(ConfigError, match="target 'rotated' is also listed as a source"):
+        parse_run_config({**KD3A_CONFIG, "num-clients": 3, "target-domain": "rotated",
+                          "source-domains": "original, rotated"})
+
+
+def test_several_nodes_share_a_domain_and_split_its_data():
+    cfg = parse_run_config({**KD3A_CONFIG, "target-domain": "rotated", "source-domains": "original*3",
+                            "num-clients": 4, "max-train-per-client": 40, "max-test-per-client": 20})
+    assert cfg.domain_layout() == ["rotated", "original", "original", "original"]
+    assert cfg.party_names() == ["rotated", "original-1", "original-2", "original-3"]
+    shards = [load_client_data(cfg, p) for p in (1, 2, 3)]
+    assert [d.num_train for d in shards] == [40, 40, 40] and [d.num_test for d in shards] == [20, 20, 20]
+    rows = torch.cat([d.x_train.flatten(1) for d in shards])
+    assert torch.unique(rows, dim=0).shape[0] == 120  # disjoint: no image on two nodes
+
+
+def test_a_node_whose_declared_role_contradicts_its_partition_is_stopped():
+    rule = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions())
+    with pytest.raises(RuntimeError, match="role='target', but partition 2 is a source"):
+        rule.act("kd3a_source", DomainCNN(width=8), _data(8, 1), 2, {}, {"node-role": "target"},
+                 torch.Generator())
 
 
 @pytest.mark.e2e
@@ -115,17 +138,17 @@ def test_kd3a_runs_on_flower_with_its_own_message_types(tmp_path: Path):
     run_dir = tmp_path / "kd3a"
     fedrep_cli("run", "--strategy", "kd3a", "--dataset", "fmnist-domains", "--model", "cnn-bn",
                "--num-clients", "4", "--rounds", "2", "--set", "target-domain=rotated",
-               "--set", "source-domains=original,inverted,lowres-noise",
+               "--set", "source-domains=original*2,lowres-noise",  # two nodes share 'original'
                "--set", "max-train-per-client=64", "--set", "max-test-per-client=32",
                "--set", "batch-size=16", "--set", "fraction-train=1.0",
                "--set", f"run-dir={run_dir}", timeout=400)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     last = rows[-1]
-    weights = [last[f"weight-{d}"] for d in ("rotated", "original", "inverted", "lowres-noise")]
+    weights = [last[f"weight-{d}"] for d in ("rotated", "original-1", "original-2", "lowres-noise")]
     assert sum(weights) == pytest.approx(1.0, abs=1e-6) and min(weights) >= 0
     assert 0 <= last["passed-fraction"] <= 1 and 0 <= last["target-accuracy"] <= 1
-    assert {"accuracy-original", "accuracy-inverted", "accuracy-lowres-noise"} <= set(last)
+    assert {"accuracy-original-1", "accuracy-original-2", "accuracy-lowres-noise"} <= set(last)
     assert last["bytes-to-target"] > 3 * last["bytes-to-each-source"]  # every source model, one message
     audit = [json.loads(line) for line in (run_dir / "messages.jsonl").read_text().splitlines()]
     kinds = {(r["kind"], r.get("partition")) for r in audit}

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from fedrep.config import MULTI_DOMAIN, RunConfig, domain_layout
+from fedrep.config import MULTI_DOMAIN, RunConfig, domain_layout, domain_share
 from fedrep.data import fashion_mnist, partition
 from fedrep.data.synthetic import client_linear_data
 
@@ -123,14 +123,17 @@ def _domain_data(key: DataKey, client: int) -> ClientData:
     """Multi-domain sets: partition 0 is the target (train labels withheld), 1.. the sources."""
     from fedrep.data import digit_five, domains
 
-    name = domain_layout(key.dataset, key.target_domain, key.source_domains, key.irrelevant_source)[client]
+    layout = domain_layout(key.dataset, key.target_domain, key.source_domains, key.irrelevant_source)
+    name = layout[client]
+    share, shares = domain_share(layout, client)  # k nodes of one domain split its samples
 
     def load(split: str, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        total = cap * shares if cap else None
         if key.dataset == "digit-five":
-            x, y = digit_five.load_digit_five(name, split, key.data_dir or None, cap or None, key.seed)
+            x, y = digit_five.load_digit_five(name, split, key.data_dir or None, total, key.seed)
         else:
-            x, y = domains.load_domain(name, split, cap or None, key.seed, key.data_dir or None)
-        return domains.kd3a_normalize(x), y.clone()
+            x, y = domains.load_domain(name, split, total, key.seed, key.data_dir or None)
+        return domains.kd3a_normalize(x[share::shares]), y[share::shares].clone()
 
     x_train, y_train = load("train", key.max_train_per_client)
     x_test, y_test = load("test", key.max_test_per_client)

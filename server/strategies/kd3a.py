@@ -51,7 +51,7 @@ class KD3AStrategy(SharedAveraging):
 
     def __init__(self, cfg: RunConfig, options: KD3AOptions) -> None:
         super().__init__(cfg, options)
-        self.domains = cfg.domain_layout()
+        self.domains = cfg.party_names()  # domain per partition; domain-j when nodes share one
         self.weights: torch.Tensor | None = None  # [S+1], target first: the moving average
 
     # -- resumable state ------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """KD3A's client half: what a source and what the target do in one round (plain PyTorch).
 
 Partition 0 is the target domain (its train labels are withheld: -1), partitions 1..S the
-labelled sources. Every party holds a full model; the feature extractor (``body``) is the shared,
-domain-weighted aggregate, the classifier (``head``) stays with its party (official code).
+labelled sources (``name*k`` in ``source-domains`` gives one domain k nodes, which split its data).
+A deployed node may declare ``role="source"`` or ``role="target"`` in its node config; a role that
+contradicts its partition stops the round with the fix. Every party holds a full model; the
+feature extractor (``body``) is the shared, domain-weighted aggregate, the classifier (``head``)
+stays with its party (official code).
 
 * ``kd3a_source``: train body + head on the labelled data for 1/r of an epoch (``rounds-per-epoch``
   r, the paper's communication rounds per epoch), return the whole model: the target needs the
@@ -141,6 +144,11 @@ class KD3ARule(ClientUpdateRule):
     def act(self, action: str, model: SplitModel, data: ClientData, partition: int,
             inputs: dict[str, dict[str, torch.Tensor]], config: dict, generator: torch.Generator
             ) -> ActionResult:
+        role = "target" if partition == TARGET_PARTITION else "source"
+        declared = config.get("node-role")
+        if declared is not None and declared != role:
+            raise RuntimeError(f"this node's config says role={declared!r}, but partition {partition} is "
+                               f"a {role} (partition 0 is the target); fix the node's --node-config")
         if action == SOURCE_ACTION:
             if partition == TARGET_PARTITION:
                 raise RuntimeError("the target (partition 0) got a source task; it has no labels")
