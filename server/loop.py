@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
@@ -106,6 +107,19 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
 
 
+def check_finite(server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
+    """Stop a diverged run before its NaNs become the global model: the last good round stays the
+    checkpoint to resume from, with a smaller learning rate."""
+    bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        loss = metrics.get("train-loss")
+        raise FloatingPointError(
+            f"round {server_round}: the aggregated model has NaN/inf in {bad[:3]}"
+            f"{' and more' if len(bad) > 3 else ''} (train-loss {loss}); local training diverged. "
+            "Run again with a smaller lr (KD3A with batchnorm = 'mmd-loss': or a smaller "
+            f"mmd_weight); checkpoints up to round {server_round - 1} are kept")
+
+
 def _strategy_state(strategy: Any) -> dict[str, Any]:
     """What a stateful strategy needs to resume, kept in state.json next to the round."""
     if hasattr(strategy, "strategy_state"):
@@ -160,6 +174,7 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
             sent = record.count_bytes() * len(train_msgs)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
+        check_finite(server_round, from_record(new_arrays), dict(train_metrics or {}))
         arrays = from_record(new_arrays)
         row: dict[str, Any] = {"round": server_round}
         row.update(dict(train_metrics or {}))

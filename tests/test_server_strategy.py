@@ -106,3 +106,13 @@ def test_membership_log_names_lost_node_and_how_it_came_back():
     assert event == {"round": 5, "event": "node-rejoined", "node": back.metadata.src_node_id,
                      "partition": 1, "lost_in_round": 2, "head": "restored from its state file"}
     assert strategy.lost == {}
+
+
+def test_a_diverged_round_stops_the_run_instead_of_spreading_nan():
+    from server.loop import check_finite
+
+    good = {"body.weight": np.ones((2, 2), dtype=np.float32), "body.num_batches_tracked": np.array(3)}
+    check_finite(4, good, {"train-loss": 0.3})  # fine: nothing raised
+    bad = {**good, "body.bias": np.array([0.0, np.nan], dtype=np.float32)}
+    with pytest.raises(FloatingPointError, match=r"round 4: .*\['body.bias'\].*smaller lr.*round 3"):
+        check_finite(4, bad, {"train-loss": float("nan")})
