@@ -125,6 +125,20 @@ def test_pathological_equal_shards_at_paper_sizes():
     assert {len(p.test) for p in parts} == {100}
 
 
+def test_pathological_at_10000_clients_shares_only_test_images():
+    """Fashion-MNIST sizes, n=10,000, s=2: 2,000 holders per class but 1,000 test images per
+    class. Train shards stay disjoint (3 images per class); each client gets one test image per
+    class, reused cyclically across clients."""
+    train, test = _labels(6000), _labels(1000, seed=1)
+    parts = partition.pathological(train, test, 10_000, 2, seed=1)
+    all_train = np.concatenate([p.train for p in parts])
+    assert len(np.unique(all_train)) == len(all_train) == 60_000
+    assert {len(p.train) for p in parts} == {6} and {len(p.test) for p in parts} == {2}
+    for p in parts[:500]:
+        assert set(test[p.test].tolist()) == set(train[p.train].tolist())
+    assert len(np.unique(np.concatenate([p.test for p in parts]))) == 10_000  # every image in use
+
+
 def test_partitions_are_deterministic_in_seed():
     train, test = _labels(600), _labels(100)
     a = partition.pathological(train, test, 50, 2, seed=5)

@@ -66,7 +66,8 @@ def pathological(
     clients sharing a class (when n*s is not a multiple of the class count, the classes with fewer
     holders leave samples unused rather than hand out bigger shards). The test split is cut the
     same way, so a client's local test set covers exactly its train classes (FedRep paper, CIFAR
-    setting; LG-FedAvg's ``noniid``)."""
+    setting; LG-FedAvg's ``noniid``); when a class has fewer test images than holders, each holder
+    gets one, reused cyclically."""
     rng = np.random.default_rng([seed, 0xC1A55])
     classes = assign_classes(num_clients, classes_per_client, num_classes, rng)
     train_pool = _by_class(train_labels, num_classes, rng)
@@ -78,7 +79,10 @@ def pathological(
     used = [c for c in range(num_classes) if len(holders_of[c])]
     shard = min(len(train_pool[c]) for c in used) // most
     test_shard = min(len(test_pool[c]) for c in used) // most
-    if shard == 0 or test_shard == 0:
+    # More holders than test images of a class (10,000 clients): holders share test images, one
+    # each, cyclically. Evaluation only, so overlap between clients costs nothing.
+    test_shard = max(test_shard, 1)
+    if shard == 0:
         raise PartitionError(
             f"too few samples per class for {most} clients sharing a class "
             f"({num_clients} clients x {classes_per_client} classes); use fewer clients or fewer "
@@ -88,7 +92,8 @@ def pathological(
         holders = holders_of[c]
         for k, client in enumerate(holders):
             train_parts[client].append(train_pool[c][k * shard : (k + 1) * shard])
-            test_parts[client].append(test_pool[c][k * test_shard : (k + 1) * test_shard])
+            start = (k * test_shard) % len(test_pool[c])
+            test_parts[client].append(test_pool[c][start : start + test_shard])
     return [
         ClientIndices(np.sort(np.concatenate(tr)), np.sort(np.concatenate(te)))
         for tr, te in zip(train_parts, test_parts, strict=True)
