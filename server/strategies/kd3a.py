@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrep.algorithms.kd3a import aggregate_state_dicts, confidence_gate
+from fedrep.algorithms.kd3a import aggregate_state_dicts, confidence_gate, initial_domain_weights
 from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
 from fedrep.algorithms.kd3a.rule import (
     SOURCE_ACTION,
@@ -100,8 +100,7 @@ class KD3AStrategy(SharedAveraging):
             return to_record({k: v.numpy() for k, v in averaged.items()}), metrics, sent
 
         num_sources = len(self.domains) - 1
-        previous = self.weights if self.weights is not None else torch.full(
-            (num_sources + 1,), 1.0 / (num_sources + 1), dtype=torch.float64)
+        previous = self.weights if self.weights is not None else initial_domain_weights(num_sources)
         gate = confidence_gate(server_round - 1, self.cfg.num_rounds, self.options.gate_begin,
                                self.options.gate_end)
         target_config = ConfigRecord({

@@ -15,7 +15,7 @@ import torch
 from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
 from fedrep.algorithms.kd3a.rule import TARGET_PARTITION, KD3AOptions, KD3ARule, teacher_bn_record
 from fedrep.algorithms.kd3a.schedule import confidence_gate
-from fedrep.algorithms.kd3a.weights import aggregate_state_dicts
+from fedrep.algorithms.kd3a.weights import aggregate_state_dicts, initial_domain_weights
 from fedrep.algorithms.training import EVAL, TRAIN, round_generator
 from fedrep.config import RunConfig
 from fedrep.data.federated import load_client_data
@@ -62,8 +62,7 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
             averaged = aggregate_state_dicts([sources[p] for p in sorted(sources)], torch.ones(len(sources)))
             run.shared = {k: averaged[k] for k in shared_keys}
         else:
-            previous = run.weights if run.weights is not None else torch.full(
-                (num_sources + 1,), 1.0 / (num_sources + 1), dtype=torch.float64)
+            previous = run.weights if run.weights is not None else initial_domain_weights(num_sources)
             gate = confidence_gate(server_round - 1, cfg.num_rounds, options.gate_begin, options.gate_end)
             model.load_state_dict({**run.shared, **run.personal[TARGET_PARTITION]})
             result = rule.adapt_target(
