@@ -219,15 +219,14 @@ def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
         if unknown:
             raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({list(configs)})")
     if not spec.sweep:
-        return _compare_at(configs, out, only)
+        _compare_at(configs, out, only)
+        return out / "results.md"
     ((key, values),) = spec.sweep.items()
     tables = {}
     for value in values:
         _, configs = load_comparison(path, value)
         print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
-        _compare_at(configs, out / str(value), only)
-        tables[str(value)] = {n: summarize_run(n, RunDir((out / str(value) / n).resolve()))
-                              for n in configs if _completed(out / str(value) / n)}
+        tables[str(value)] = _compare_at(configs, out / str(value), only)
     write_sweep_table(key, list(configs), tables, out)
     return out / "results.md"
 
@@ -265,7 +264,9 @@ def write_sweep_table(key: str, labels: list[str], tables: dict[str, dict[str, d
         writer.writerows(records)
 
 
-def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None) -> Path:
+def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
+                ) -> dict[str, dict[str, Any]]:
+    """Run (or resume) into ``out``, write its table and plot; the finished runs' summaries."""
     out.mkdir(parents=True, exist_ok=True)
     for name in configs:
         if only and name not in only:
@@ -275,9 +276,10 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
         _run_one(configs[name], run_dir)
     runs = {name: RunDir((out / name).resolve()) for name in configs
             if _completed(out / name)}
-    write_table([summarize_run(n, r) for n, r in runs.items()], out)
+    summaries = {n: summarize_run(n, r) for n, r in runs.items()}
+    write_table(list(summaries.values()), out)
     plot_comparison(runs, out)
-    return out / "results.md"
+    return summaries
 
 
 def _completed(run_dir: Path) -> bool:
