@@ -3,12 +3,15 @@
 Measures, side by side in one invocation:
 
 * reference: the same round (local updates of the sampled clients, then evaluation of all
-  clients) as one plain PyTorch loop in this process, data preloaded, 1 thread;
+  clients) as one plain PyTorch loop in this process, data preloaded, 1 thread; timed before
+  and after the simulations, and their mean used;
 * ideal: reference / number of parallel client workers (what a perfect parallel engine gets);
 * plain parallel: the reference loop split over that many processes started together, i.e. what
   the machine's cores actually give plain PyTorch (shared caches, memory bandwidth, clock);
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
   from round 2 so that Ray actors are up and client data is cached, as in any long run;
+* flower-dispatch: the same with ``FEDREP_DISPATCH=flower``, i.e. Flower's own per-node message
+  dispatch loop instead of :mod:`fedrep.fast_dispatch` (what the one-pass dispatcher saves);
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
   rebuilds the model and reloads and re-partitions its data on every message, as ClientApps
   written the usual way do;
@@ -103,16 +106,18 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def flower_round(settings: dict, workdir: Path, client_app: str | None = None) -> float:
+def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
+                 dispatch: str = "fast") -> float:
     """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys)."""
-    run_dir = workdir / ("stock-run" if client_app else "flower-run")
+    run_dir = workdir / f"{'stock' if client_app else 'flower'}-{dispatch}-run"
     cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", "2", "--set", f"run-dir={run_dir}"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
     if client_app:
         cmd += ["--client-app", client_app]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   cwd=Path(__file__).resolve().parents[1], env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+                   cwd=Path(__file__).resolve().parents[1],
+                   env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDREP_DISPATCH": dispatch})
     return float(RunDir(run_dir).read_metrics()[1]["round-seconds"])
 
 
@@ -128,6 +133,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="throughput of tiny clients: 1,000 FedAvg clients of one batch (10 images)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-ClientApp run")
+    parser.add_argument("--no-flower-dispatch", action="store_true",
+                        help="skip the run with Flower's own message dispatch loop")
     args = parser.parse_args()
 
     settings = {"num-clients": args.clients, "model": args.model, "fraction-train": args.fraction,
@@ -139,23 +146,33 @@ def main() -> None:
                          "local-epochs": 1})
     cfg = parse_run_config(settings)
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    # The plain loops run before and after the simulations and count at their mean: this
+    # machine's speed drifts by several percent over the minutes a run takes.
+    references = [reference_round(cfg, server_round=2)]
+    parallels = [parallel_reference_round(settings, 2, workers)]
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
         flower_s = flower_round(settings, Path(tmp))
+        dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
-    reference_s = reference_round(cfg, server_round=2)
+    references.append(reference_round(cfg, server_round=2))
+    parallels.append(parallel_reference_round(settings, 2, workers))
+    reference_s, parallel_s = sum(references) / 2, sum(parallels) / 2
     ideal_s = reference_s / workers
-    parallel_s = parallel_reference_round(settings, 2, workers)
     trained = len(sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train))
     calls = trained + cfg.num_clients  # train + evaluate messages in the round
     result = {
         "strategy": cfg.strategy, "clients": cfg.num_clients, "fraction-train": cfg.fraction_train,
         "model": cfg.model, "workers": workers, "client-calls": calls,
-        "reference-s": reference_s, "ideal-s": ideal_s, "flower-s": flower_s,
+        "reference-s": reference_s, "reference-before-after-s": references,
+        "parallel-plain-before-after-s": parallels, "ideal-s": ideal_s, "flower-s": flower_s,
         "flower-over-ideal": flower_s / ideal_s, "flower-over-reference": flower_s / reference_s,
         "flower-calls-per-s": calls / flower_s, "ideal-calls-per-s": calls / ideal_s,
         "parallel-plain-s": parallel_s, "parallel-plain-over-ideal": parallel_s / ideal_s,
         "flower-over-parallel-plain": flower_s / parallel_s,
     }
+    if dispatch_s is not None:
+        result.update({"flower-dispatch-s": dispatch_s, "flower-dispatch-over-ideal": dispatch_s / ideal_s,
+                       "flower-dispatch-over-fast": dispatch_s / flower_s})
     if stock_s is not None:
         result.update({"stock-s": stock_s, "stock-over-ideal": stock_s / ideal_s,
                        "stock-over-flower": stock_s / flower_s})
@@ -169,16 +186,22 @@ def main() -> None:
     (out / name).write_text(json.dumps(result, indent=2))
     print(f"one {cfg.strategy} round, {cfg.num_clients} clients (fraction {cfg.fraction_train}), "
           f"{cfg.model}, {workers} workers, {calls} client calls")
-    print(f"  reference (1 process): {reference_s:8.2f} s")
+    print(f"  reference (1 process): {reference_s:8.2f} s   (before {references[0]:.2f}, after "
+          f"{references[1]:.2f})")
     print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
-    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s")
+    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   "
+          f"(before {parallels[0]:.2f}, after {parallels[1]:.2f})")
     print(f"  Flower simulation:     {flower_s:8.2f} s   {calls / flower_s:8.1f} calls/s")
+    if dispatch_s is not None:
+        print(f"  Flower's dispatch:     {dispatch_s:8.2f} s   {calls / dispatch_s:8.1f} calls/s")
     if stock_s is not None:
         print(f"  stock ClientApp:       {stock_s:8.2f} s   {calls / stock_s:8.1f} calls/s")
     print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x")
     print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
     print(f"  plain {workers} procs / ideal = {parallel_s / ideal_s:.2f}x   (Flower / plain {workers} procs "
           f"= {flower_s / parallel_s:.2f}x)")
+    if dispatch_s is not None:
+        print(f"  Flower's dispatch / fast dispatch = {dispatch_s / flower_s:.2f}x")
     if stock_s is not None:
         print(f"  stock / ideal        = {stock_s / ideal_s:.2f}x")
         print(f"  stock / fedrep       = {stock_s / flower_s:.2f}x")

@@ -183,6 +183,12 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    from fedrep import fast_dispatch
+
+    try:
+        fast_dispatch.install()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     write_app_dir(cfg, app_dir, client_app)
     run_config = cfg.to_flower()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
