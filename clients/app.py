@@ -25,7 +25,8 @@ from fedrep.registry import client_actions, get_strategy
 
 app = ClientApp()
 # Reported in every reply so the server can tell trained clients from untouched ones.
-RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2}
+# "none": the strategy keeps nothing personal (FedAvg, FedProx), so there was nothing to restore.
+RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2, "none": 3}
 
 
 def _frozen(run_config: dict) -> tuple:
@@ -77,7 +78,7 @@ class Job:
     partition: int
     server_round: int
     run_dir: str
-    restored: str  # where the personal part came from: fresh | node-state | file
+    restored: str  # where the personal part came from: fresh | node-state | file | none
 
     def data(self) -> ClientData:
         return load_client_data(self.cfg, self.partition, device_for(self.cfg))
@@ -101,9 +102,13 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     if list(shared) != expected:
         raise RuntimeError(f"server sent {list(shared)[:3]}..., strategy {cfg.strategy} shares "
                            f"{expected[:3]}...; server and client disagree on the strategy")
-    personal, source = load_personal(context, run_dir, pid, newest_allowed)
+    personal_keys = rule.personal_keys(model)
+    if not personal_keys:  # no state file to read (or, in _keep_personal, to write and fsync)
+        personal, source = {}, "none"
+    else:
+        personal, source = load_personal(context, run_dir, pid, newest_allowed)
     if personal is None:
-        personal = {k: initial[k] for k in rule.personal_keys(model)}
+        personal = {k: initial[k] for k in personal_keys}
     model.load_state_dict({**shared, **personal})
     return Job(cfg, rule, model, pid, server_round, run_dir, source)
 
@@ -111,8 +116,10 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
 def _keep_personal(job: Job, context: Context) -> dict:
     """Store the personal part after a local update; the full state dict, for the reply."""
     state = job.model.state_dict()
-    save_personal(context, job.run_dir, job.partition, job.server_round,
-                  {k: state[k] for k in job.rule.personal_keys(job.model)})
+    personal_keys = job.rule.personal_keys(job.model)
+    if personal_keys:
+        save_personal(context, job.run_dir, job.partition, job.server_round,
+                      {k: state[k] for k in personal_keys})
     return state
 
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import fedrep_cli
 from fedrep.compare import load_comparison, write_sweep_table
 from fedrep.config import ConfigError
+from fedrep.results import RunDir
 
 
 def test_comparison_file_is_validated_up_front(tmp_path: Path):
@@ -55,6 +56,10 @@ def test_compare_runs_writes_table_and_resumes(tmp_path: Path):
         assert f"| {name} |" in table
         assert (out / name / "state.json").is_file()
     assert (out / "distance.png").is_file() and (out / "results.csv").is_file()
+    fedavg_rows = [r for r in RunDir(out / "fedavg").read_audit()  # FedAvg keeps nothing personal:
+                   if r["kind"] in ("train", "evaluate")]         # no state file read or written
+    assert fedavg_rows and {r["metrics"]["personal-restored"] for r in fedavg_rows} == {3}
+    assert not any((out / "fedavg" / "client-state").glob("*"))
     local_row = next(line for line in table.splitlines() if line.startswith("| local |"))
     assert local_row.endswith("| 0 B |")  # Local-only sends no parameters either way
     again = fedrep_cli("compare", str(spec), "--out", str(out), timeout=120)  # all done: skips

@@ -44,7 +44,7 @@ PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)
 # How a client got its personal part back (clients/app.py RESTORED_CODE), as the log says it.
 HEAD_ON_RETURN = {0: "fresh: its saved state did not survive", 1: "intact in node state",
-                  2: "restored from its state file"}
+                  2: "restored from its state file", 3: "none to restore (nothing personal)"}
 
 
 class SharedAveraging(Strategy):
