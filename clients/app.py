@@ -79,6 +79,7 @@ class Job:
     server_round: int
     run_dir: str
     restored: str  # where the personal part came from: fresh | node-state | file | none
+    personal_keys: list[str]  # empty for strategies that share everything (FedAvg, FedProx)
 
     def data(self) -> ClientData:
         return load_client_data(self.cfg, self.partition, device_for(self.cfg))
@@ -110,16 +111,15 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     if personal is None:
         personal = {k: initial[k] for k in personal_keys}
     model.load_state_dict({**shared, **personal})
-    return Job(cfg, rule, model, pid, server_round, run_dir, source)
+    return Job(cfg, rule, model, pid, server_round, run_dir, source, personal_keys)
 
 
 def _keep_personal(job: Job, context: Context) -> dict:
     """Store the personal part after a local update; the full state dict, for the reply."""
     state = job.model.state_dict()
-    personal_keys = job.rule.personal_keys(job.model)
-    if personal_keys:
+    if job.personal_keys:
         save_personal(context, job.run_dir, job.partition, job.server_round,
-                      {k: state[k] for k in personal_keys})
+                      {k: state[k] for k in job.personal_keys})
     return state
 
 
