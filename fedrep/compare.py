@@ -16,12 +16,16 @@ headline metric (target accuracy where there is one) to strategies x values, wit
 Each strategy runs as its own ``fedrep run`` (own process, own Ray) into
 ``OUT/<strategy>/``. Finished runs are skipped and interrupted ones resumed, so re-running the
 command after a crash continues where it stopped. The table (``results.md`` and ``results.csv``)
-and ``accuracy.png`` go to ``OUT``.
+and ``accuracy.png`` go to ``OUT``. Because every strategy sees the same clients and test images,
+``results.md`` also pairs them client by client against the file's first strategy (mean
+difference ± standard error, wins and losses; ``paired.csv``): the table's ± is the spread
+between clients, far too wide to tell two strategies apart.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 import time
@@ -177,6 +181,65 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def final_client_metrics(run: RunDir) -> dict[int, dict[str, float]]:
+    """Each client's evaluation metrics at the run's last evaluation round, by partition.
+
+    All strategies of a comparison share partitions and each client's test set, so these are
+    paired samples: comparing them client by client removes the between-client spread that
+    dominates the table's ± (the std of clients' accuracies, not an error bar).
+    """
+    evaluations = [r for r in run.read_audit() if r["kind"] == "evaluate" and not r.get("error")]
+    if not evaluations:
+        return {}
+    last = max(r["round"] for r in evaluations)
+    return {int(r["partition"]): r["metrics"] for r in evaluations if r["round"] == last}
+
+
+PAIRED_METRICS = ("accuracy", "accuracy-finetuned")
+
+
+def paired_differences(clients: dict[str, dict[int, dict[str, float]]], reference: str
+                       ) -> list[dict[str, Any]]:
+    """Per-client ``reference - other`` for each other strategy and each accuracy metric both
+    report: mean, standard error of that mean, and how many clients each side wins."""
+    rows: list[dict[str, Any]] = []
+    ref = clients[reference]
+    for name, other in clients.items():
+        if name == reference:
+            continue
+        for metric in PAIRED_METRICS:
+            shared = sorted(p for p in ref.keys() & other.keys()
+                            if metric in ref[p] and metric in other[p])
+            if len(shared) < 2:
+                continue
+            diffs = [ref[p][metric] - other[p][metric] for p in shared]
+            mean = sum(diffs) / len(diffs)
+            var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+            rows.append({"reference": reference, "strategy": name, "metric": metric,
+                         "clients": len(diffs), "mean-difference": mean,
+                         "standard-error": math.sqrt(var / len(diffs)),
+                         "reference-better": sum(d > 0 for d in diffs),
+                         "ties": sum(d == 0 for d in diffs),
+                         "reference-worse": sum(d < 0 for d in diffs)})
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown for :func:`paired_differences` (empty when there is nothing to pair)."""
+    if not rows:
+        return ""
+    ref = rows[0]["reference"]
+    lines = [f"Per-client paired differences, {ref} minus each strategy, at the last evaluation "
+             "(same clients, same test images; mean ± standard error of the mean):", "",
+             f"| strategy | metric | clients | {ref} − strategy | {ref} better / tie / worse |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['strategy']} | {r['metric']} | {r['clients']} | "
+                     f"{r['mean-difference']:+.4f} ± {r['standard-error']:.4f} | "
+                     f"{r['reference-better']} / {r['ties']} / {r['reference-worse']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
     import matplotlib
 
@@ -278,6 +341,16 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
             if _completed(out / name)}
     summaries = {n: summarize_run(n, r) for n, r in runs.items()}
     write_table(list(summaries.values()), out)
+    if len(runs) > 1:  # the first finished strategy of the file is the reference
+        clients = {n: final_client_metrics(r) for n, r in runs.items()}
+        paired = paired_differences(clients, next(iter(runs)))
+        if paired:
+            with (out / "results.md").open("a") as fh:
+                fh.write("\n" + paired_table(paired))
+            with (out / "paired.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(paired[0]))
+                writer.writeheader()
+                writer.writerows(paired)
     plot_comparison(runs, out)
     return summaries
 

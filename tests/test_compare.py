@@ -98,3 +98,40 @@ def test_sweep_runs_every_strategy_per_value_and_pivots_the_headline(tmp_path: P
     assert lines[2] == "| kd3a | 0.8000 | 0.6000 | 0.7000 | 2.0 MB |"
     assert lines[3] == "| source-only | 0.7000 | - | - | 2.0 MB |"  # no mean over a partial row
     assert "target-domain=rotated" in (tmp_path / "results.csv").read_text()
+
+
+def _evaluated(path: Path, rounds: dict[int, dict[int, dict]]) -> RunDir:
+    """A run folder whose audit holds the given evaluate replies (round -> partition -> metrics)."""
+    path.mkdir()
+    run = RunDir(path)
+    run.append_audit([{"round": rnd, "kind": "evaluate", "partition": p, "error": None,
+                       "metrics": m} for rnd, clients in rounds.items() for p, m in clients.items()])
+    return run
+
+
+def test_paired_differences_use_each_clients_last_evaluation(tmp_path: Path):
+    from fedrep.compare import final_client_metrics, paired_differences, paired_table
+
+    early = {p: {"accuracy": 0.0} for p in range(3)}  # superseded by the later round
+    ref = _evaluated(tmp_path / "ref", {10: early, 20: {
+        0: {"accuracy": 0.9, "accuracy-finetuned": 0.95}, 1: {"accuracy": 0.8, "accuracy-finetuned": 0.8},
+        2: {"accuracy": 0.7, "accuracy-finetuned": 0.9}}})
+    other = _evaluated(tmp_path / "other", {10: early, 20: {
+        0: {"accuracy": 0.6, "accuracy-finetuned": 0.95}, 1: {"accuracy": 0.8, "accuracy-finetuned": 0.7},
+        2: {"accuracy": 0.8}}})  # client 2 reports no fine-tuned accuracy: left out of that pair
+    clients = {"ref": final_client_metrics(ref), "other": final_client_metrics(other)}
+    assert clients["ref"][1] == {"accuracy": 0.8, "accuracy-finetuned": 0.8}
+    rows = {r["metric"]: r for r in paired_differences(clients, "ref")}
+    # accuracy: differences 0.3, 0.0, -0.1 -> mean 0.2/3; sample variance
+    # ((0.3-m)^2 + m^2 + (-0.1-m)^2) / 2 = 0.0433..., standard error sqrt(var / 3) = 0.1202
+    acc = rows["accuracy"]
+    assert acc["clients"] == 3 and acc["mean-difference"] == pytest.approx(0.2 / 3)
+    assert acc["standard-error"] == pytest.approx(0.12019, abs=1e-5)
+    assert (acc["reference-better"], acc["ties"], acc["reference-worse"]) == (1, 1, 1)
+    tuned = rows["accuracy-finetuned"]  # differences 0.0 and 0.1 over the two clients both report
+    assert tuned["clients"] == 2 and tuned["mean-difference"] == pytest.approx(0.05)
+    assert tuned["standard-error"] == pytest.approx(0.05)
+    assert (tuned["reference-better"], tuned["ties"], tuned["reference-worse"]) == (1, 1, 0)
+    table = paired_table(list(rows.values()))
+    assert "| other | accuracy | 3 | +0.0667 ± 0.1202 | 1 / 1 / 1 |" in table
+    assert paired_table([]) == "" and final_client_metrics(RunDir(tmp_path / "none")) == {}
