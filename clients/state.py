@@ -41,7 +41,7 @@ def state_root(context: Context, run_dir: str) -> Path:
     return Path(run_dir) / CLIENT_STATE
 
 
-def _read_versions(path: Path) -> dict[int, Params]:
+def read_versions(path: Path) -> dict[int, Params]:
     if not path.is_file():
         return {}
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -54,7 +54,7 @@ def load_personal(context: Context, run_dir: str, partition: int, server_round: 
     meta = context.state.config_records.get(META_RECORD)
     if meta is not None and int(meta["round"]) < server_round and HEAD_RECORD in context.state:
         return dict(context.state.array_records[HEAD_RECORD].to_torch_state_dict()), "node-state"
-    versions = _read_versions(client_state_file(state_root(context, run_dir), partition))
+    versions = read_versions(client_state_file(state_root(context, run_dir), partition))
     earlier = [r for r in versions if r < server_round]
     if earlier:
         return versions[max(earlier)], "file"
@@ -73,7 +73,7 @@ def save_personal(context: Context, run_dir: str, partition: int, server_round: 
         context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
         context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
     path = client_state_file(state_root(context, run_dir), partition)
-    versions = _read_versions(path)
+    versions = read_versions(path)
     versions[server_round] = params
     for old in sorted(versions)[:-KEEP_VERSIONS]:
         del versions[old]

@@ -225,18 +225,26 @@ def paired_differences(clients: dict[str, dict[int, dict[str, float]]], referenc
 
 
 def paired_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown for :func:`paired_differences` (empty when there is nothing to pair)."""
+    """Markdown for :func:`paired_differences`, a row per strategy (empty when nothing pairs)."""
     if not rows:
         return ""
     ref = rows[0]["reference"]
-    lines = [f"Per-client paired differences, {ref} minus each strategy, at the last evaluation "
-             "(same clients, same test images; mean ± standard error of the mean):", "",
-             f"| strategy | metric | clients | {ref} − strategy | {ref} better / tie / worse |",
-             "|---|---|---|---|---|"]
+    by_strategy: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['metric']} | {r['clients']} | "
-                     f"{r['mean-difference']:+.4f} ± {r['standard-error']:.4f} | "
-                     f"{r['reference-better']} / {r['ties']} / {r['reference-worse']} |")
+        by_strategy.setdefault(r["strategy"], {})[r["metric"]] = r
+
+    def cell(r: dict[str, Any] | None) -> str:
+        return "-" if r is None else f"{r['mean-difference']:+.4f} ± {r['standard-error']:.4f}"
+
+    lines = [f"Per client, {ref} minus each strategy at the last evaluation (same clients and test "
+             "images; mean ± standard error of the mean):", "",
+             f"| {ref} minus | mean local acc. | after head fine-tune | clients | "
+             f"{ref} better / tie / worse (acc.) |", "|---|---|---|---|---|"]
+    for name, metrics in by_strategy.items():
+        first = metrics.get("accuracy") or metrics["accuracy-finetuned"]
+        lines.append(f"| {name} | {cell(metrics.get('accuracy'))} | "
+                     f"{cell(metrics.get('accuracy-finetuned'))} | {first['clients']} | "
+                     f"{first['reference-better']} / {first['ties']} / {first['reference-worse']} |")
     return "\n".join(lines) + "\n"
 
 

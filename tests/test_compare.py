@@ -133,5 +133,5 @@ def test_paired_differences_use_each_clients_last_evaluation(tmp_path: Path):
     assert tuned["standard-error"] == pytest.approx(0.05)
     assert (tuned["reference-better"], tuned["ties"], tuned["reference-worse"]) == (1, 1, 0)
     table = paired_table(list(rows.values()))
-    assert "| other | accuracy | 3 | +0.0667 ± 0.1202 | 1 / 1 / 1 |" in table
+    assert "| other | +0.0667 ± 0.1202 | +0.0500 ± 0.0500 | 3 | 1 / 1 / 1 |" in table
     assert paired_table([]) == "" and final_client_metrics(RunDir(tmp_path / "none")) == {}
