@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", help="output folder (default runs/compare-<file name>)")
     comp.add_argument("--only", help="comma-separated subset of the file's strategies to run now; "
                       "the table still lists every finished one")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a run-config key for every strategy, over the file's, e.g. --set seed=2 "
+                      "(repeatable; use another --out)")
 
     sub.add_parser("strategies", help="list installed strategy plugins")
     sub.add_parser("config", help="list every run-config key with its default and meaning")
@@ -263,7 +266,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     path = Path(args.config)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{path.stem}"
-    table = compare(path, out, [n.strip() for n in args.only.split(",")] if args.only else None)
+    settings = dict(parse_override(item) for item in args.set)
+    table = compare(path, out, [n.strip() for n in args.only.split(",")] if args.only else None,
+                    settings)
     print(table.read_text())
     print(f"results: {out.resolve()}")
     return 0

@@ -70,9 +70,12 @@ class CompareConfig(BaseModel):
         return names
 
 
-def load_comparison(path: Path, sweep_value: Any = None) -> tuple[CompareConfig, dict[str, RunConfig]]:
+def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any] | None = None
+                    ) -> tuple[CompareConfig, dict[str, RunConfig]]:
     """Parse the file and validate every strategy's full run config before anything runs
-    (at ``sweep_value`` of the sweep key, if the file sweeps one)."""
+    (at ``sweep_value`` of the sweep key, if the file sweeps one). ``settings`` (the command
+    line's ``--set``) override the file for every strategy: the same comparison at another seed
+    is ``--set seed=2`` into another ``--out``."""
     if not path.is_file():
         raise ConfigError(f"comparison file {path} does not exist")
     try:
@@ -92,8 +95,10 @@ def load_comparison(path: Path, sweep_value: Any = None) -> tuple[CompareConfig,
     configs = {}  # label -> config, in file order
     for name in spec.strategies:
         label, _, strategy = name.partition("=")
-        values = {**spec.config, **swept, **spec.overrides.get(label, {}), "strategy": strategy or label}
-        where = f"{path} (strategy {name}" + "".join(f", {k} = {v!r}" for k, v in swept.items()) + ")"
+        values = {**spec.config, **swept, **spec.overrides.get(label, {}), **(settings or {}),
+                  "strategy": strategy or label}
+        where = f"{path} (strategy {name}" + "".join(f", {k} = {v!r}" for k, v in swept.items()) + \
+            "".join(f", --set {k}={v!r}" for k, v in (settings or {}).items()) + ")"
         configs[label] = parse_run_config(values, where)
     return spec, configs
 
@@ -278,13 +283,14 @@ def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
     return path
 
 
-def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
+def compare(path: Path, out: Path, only: list[str] | None = None,
+            settings: dict[str, Any] | None = None) -> Path:
     """Run the file's strategies (or just ``only``) and tabulate every finished one.
 
     ``only`` lets a long comparison be spread over several sessions or machines; the table always
     covers each strategy of the file whose run folder under ``out`` has completed.
     """
-    spec, configs = load_comparison(path)
+    spec, configs = load_comparison(path, settings=settings)
     if only:
         unknown = sorted(set(only) - set(configs))
         if unknown:
@@ -295,7 +301,7 @@ def compare(path: Path, out: Path, only: list[str] | None = None) -> Path:
     ((key, values),) = spec.sweep.items()
     tables = {}
     for value in values:
-        _, configs = load_comparison(path, value)
+        _, configs = load_comparison(path, value, settings)
         print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
         tables[str(value)] = _compare_at(configs, out / str(value), only)
     write_sweep_table(key, list(configs), tables, out)

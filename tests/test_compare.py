@@ -28,6 +28,11 @@ def test_comparison_file_is_validated_up_front(tmp_path: Path):
                   '[overrides.fedprox]\nstrategy-options = {mu = 0.5}\n')
     _, configs = load_comparison(ok)
     assert configs["fedprox"].strategy_options == "{mu = 0.5}" and configs["fedrep"].seed == 4
+    _, reseeded = load_comparison(ok, settings={"seed": 7})  # `fedrep compare --set seed=7`
+    assert {c.seed for c in reseeded.values()} == {7}
+    assert reseeded["fedprox"].strategy_options == "{mu = 0.5}"
+    with pytest.raises(ConfigError, match="--set head-epochs=-2"):
+        load_comparison(ok, settings={"head-epochs": -2})
     variants = tmp_path / "variants.toml"  # one strategy twice, told apart by labels
     variants.write_text('strategies = ["fedprox", "strong=fedprox"]\n[overrides.strong]\n'
                         'strategy-options = {mu = 1.0}\n')
