@@ -77,6 +77,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for q in range(4):
         part = rows[quartile == q]
+        if not len(part):  # equal-sized clients all fall in one quartile
+            continue
         print(f"| {int(part[:, 0].min())}-{int(part[:, 0].max())} ({len(part)}) | "
               f"{part[:, 1].mean():.4f} | {part[:, 2].mean():.4f} | "
               f"{part[:, 1].mean() - part[:, 2].mean():+.4f} |")
