@@ -15,7 +15,8 @@ headline metric (target accuracy where there is one) to strategies x values, wit
 
 Each strategy runs as its own ``fedrep run`` (own process, own Ray) into
 ``OUT/<strategy>/``. Finished runs are skipped and interrupted ones resumed, so re-running the
-command after a crash continues where it stopped. The table (``results.md`` and ``results.csv``)
+command after a crash continues where it stopped; raising ``num-rounds`` extends finished runs,
+and a folder left by any other change of setup is refused rather than mixed into the table. The table (``results.md`` and ``results.csv``)
 and ``accuracy.png`` go to ``OUT``. Because every strategy sees the same clients and test images,
 ``results.md`` also pairs them client by client against the file's first strategy (mean
 difference ± standard error, wins and losses; ``paired.csv``): the table's ± is the spread
@@ -108,10 +109,12 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
     from fedrep.config import toml_value
 
     started = time.perf_counter()
-    if _completed(run_dir):
-        return 0.0
     if (run_dir / "state.json").is_file():
-        cmd = ["run", "--resume", str(run_dir)]
+        _check_same_setup(cfg, RunDir(run_dir))
+    if _completed(run_dir) and RunDir(run_dir).saved_config().num_rounds >= cfg.num_rounds:
+        return 0.0
+    if (run_dir / "state.json").is_file():  # interrupted, or asked for more rounds: continue it
+        cmd = ["run", "--resume", str(run_dir), "--rounds", str(cfg.num_rounds)]
     else:
         cmd = ["run"]
         for key, value in cfg.to_flower().items():
@@ -123,6 +126,16 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
         raise RuntimeError(f"{cfg.strategy} failed (exit {proc.returncode}); rerun the same "
                            "`fedrep compare` to resume it")
     return time.perf_counter() - started
+
+
+def _check_same_setup(cfg: RunConfig, run: RunDir) -> None:
+    """A run folder left by another setup (the file was edited, or ``--set`` differs) must not be
+    skipped or resumed as if it were this one: the table would mix two experiments."""
+    try:
+        run.check_resumable_with(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{cfg.strategy}: {err}. The comparison's setup changed since that "
+                          "folder was run; pass another --out (or delete the folder)") from None
 
 
 def summarize_run(name: str, run: RunDir) -> dict[str, Any]:

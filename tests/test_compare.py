@@ -140,3 +140,15 @@ def test_paired_differences_use_each_clients_last_evaluation(tmp_path: Path):
     table = paired_table(list(rows.values()))
     assert "| other | +0.0667 ± 0.1202 | +0.0500 ± 0.0500 | 3 | 1 / 1 / 1 |" in table
     assert paired_table([]) == "" and final_client_metrics(RunDir(tmp_path / "none")) == {}
+
+
+def test_a_run_folder_from_another_setup_is_neither_skipped_nor_resumed(tmp_path: Path):
+    from fedrep.compare import _run_one
+    from fedrep.config import RunConfig
+
+    cfg = RunConfig(dataset="linear-synthetic", model="linear", num_clients=4, num_rounds=3)
+    run, _ = RunDir.create(cfg.model_copy(update={"run_dir": str(tmp_path / "fedrep")}))
+    run.write_state(3, "completed")
+    assert _run_one(cfg, run.path) == 0.0  # the same setup, finished: skipped
+    with pytest.raises(ConfigError, match=r"seed: saved 1 vs given 2.*pass another --out"):
+        _run_one(cfg.model_copy(update={"seed": 2}), run.path)
