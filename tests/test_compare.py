@@ -69,6 +69,12 @@ def test_compare_runs_writes_table_and_resumes(tmp_path: Path):
     assert local_row.endswith("| 0 B |")  # Local-only sends no parameters either way
     again = fedrep_cli("compare", str(spec), "--out", str(out), timeout=120)  # all done: skips
     assert "results:" in again.stdout
+    longer = fedrep_cli("compare", str(spec), "--out", str(out), "--only", "local",  # extends
+                        "--set", "num-rounds=5", timeout=300)
+    assert [r["round"] for r in RunDir(out / "local").read_metrics()] == [1, 2, 3, 4, 5]
+    assert "| local |" in longer.stdout
+    reseeded = fedrep_cli("compare", str(spec), "--out", str(out), "--set", "seed=9", check=False)
+    assert reseeded.returncode == 2 and "seed: saved 1 vs given 9" in reseeded.stderr
 
 
 def test_sweep_runs_every_strategy_per_value_and_pivots_the_headline(tmp_path: Path):
