@@ -13,14 +13,14 @@ An optional ``[sweep]`` names one run-config key and its values (``target-domain
 ``OUT/<value>/<strategy>/``, each value gets its own table, and ``OUT/results.md`` pivots the
 headline metric (target accuracy where there is one) to strategies x values, with the mean.
 
-Each strategy runs as its own ``fedrep run`` (own process, own Ray) into
-``OUT/<strategy>/``. Finished runs are skipped and interrupted ones resumed, so re-running the
-command after a crash continues where it stopped; raising ``num-rounds`` extends finished runs,
-and a folder left by any other change of setup is refused rather than mixed into the table. The table (``results.md`` and ``results.csv``)
-and ``accuracy.png`` go to ``OUT``. Because every strategy sees the same clients and test images,
-``results.md`` also pairs them client by client against the file's first strategy (mean
-difference ± standard error, wins and losses; ``paired.csv``): the table's ± is the spread
-between clients, far too wide to tell two strategies apart.
+Each strategy runs as its own ``fedrep run`` (own process, own Ray) into ``OUT/<strategy>/``.
+Finished runs are skipped and interrupted ones resumed, so re-running the command after a crash
+continues where it stopped; raising ``num-rounds`` extends finished runs, and a folder left by any
+other change of setup is refused rather than mixed into the table. The table (``results.md`` and
+``results.csv``) and ``accuracy.png`` go to ``OUT``. Because every strategy sees the same clients
+and test images, ``results.md`` also pairs them client by client against the file's first
+strategy (mean difference ± standard error, wins and losses; ``paired.csv``): the table's ± is
+the spread between clients, far too wide to tell two strategies apart.
 """
 
 from __future__ import annotations
