@@ -21,6 +21,12 @@ def test_strategies_lists_builtins_with_package():
     assert "fedavg" in out and "config keys: head-epochs" in out
 
 
+def test_version_is_the_installed_distribution():
+    from importlib.metadata import version
+
+    assert fedrep_cli("--version").stdout.strip() == f"fedrep {version('fedrep')}"
+
+
 def test_unknown_strategy():
     err = _fails("run", "--strategy", "fedmagic")
     assert "unknown strategy 'fedmagic'" in err and "fedrep" in err
