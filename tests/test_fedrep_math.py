@@ -150,3 +150,32 @@ def test_head_feature_cache_not_used_when_body_is_stochastic():
         assert calls == [1]
     finally:
         training.body_features = original
+
+
+def test_shuffled_batches_drop_only_a_trailing_batch_too_small_for_batchnorm():
+    from fedrep.algorithms.training import shuffled_batches
+
+    def batches(n: int, min_size: int) -> list[list[int]]:
+        return [b.tolist() for b in shuffled_batches(n, 10, torch.Generator().manual_seed(3), min_size)]
+
+    plain, bn = batches(21, 1), batches(21, 2)
+    assert [len(b) for b in plain] == [10, 10, 1] and sorted(sum(plain, [])) == list(range(21))
+    assert bn == plain[:2]  # same order, the lone sample left out of this pass
+    assert batches(20, 2) == batches(20, 1)
+    assert batches(1, 2) == [[0]]  # nothing else to train on: BatchNorm's own error will say why
+
+
+def test_batchnorm_model_trains_when_a_client_has_one_sample_past_a_full_batch():
+    """21 samples in batches of 10 leaves one: a BatchNorm body cannot train on it."""
+    from fedrep.algorithms.training import min_batch_size
+    from fedrep.models.domain_cnn import DomainCNN
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(21, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (21,), generator=g)
+    cfg = parse_run_config({"dataset": "fmnist-domains", "model": "cnn-bn", "num-clients": 5,
+                            "head-epochs": 2, "body-epochs": 1, "batch-size": 10})
+    model = DomainCNN(width=4)
+    assert min_batch_size(model) == 2 and min_batch_size(PaperCNN()) == 1
+    result = FedRepUpdate(cfg).fit(model, ClientData(x, y, x[:5], y[:5]), round_generator(0, 1, 0))
+    assert result.steps == 3 * 2 and np.isfinite(result.loss)

@@ -7,7 +7,7 @@ touching global RNG state, which is what makes resumed runs match uninterrupted 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +88,25 @@ def _head_only(model: SplitModel, trainable: frozenset[str]) -> bool:
     return bool(trainable) and trainable <= head
 
 
+def min_batch_size(model: nn.Module) -> int:
+    """BatchNorm cannot normalise a batch of one sample in training mode, so a model with any
+    BatchNorm layer trains on batches of at least two."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
+                     min_size: int = 1) -> Iterator[torch.Tensor]:
+    """One pass over ``n`` samples in a fresh order, as index batches. The trailing batch is
+    dropped when it is smaller than ``min_size`` (see :func:`min_batch_size`), unless the data
+    holds fewer samples than that and there is no other batch to train on."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < min_size and n >= min_size:
+            continue
+        yield idx
+
+
 @torch.no_grad()
 def body_features(model: SplitModel, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     return torch.cat([model.body(x[i : i + chunk]) for i in range(0, len(x), chunk)])
@@ -109,7 +128,7 @@ def run_phases(
     turns it off). For FedRep's tau_h=10 head epochs this removes most of the local FLOPs."""
     optimizer = make_optimizer(model, cfg)
     model.train()
-    n = len(y)
+    n, min_size = len(y), min_batch_size(model)
     steps, epoch_losses = 0, []
     for phase in phases:
         set_trainable(model, phase.trainable)
@@ -118,10 +137,8 @@ def run_phases(
                 and _head_only(model, phase.trainable) and model.body_is_deterministic()):
             inputs, forward = body_features(model, x), model.head
         for _ in range(phase.epochs):
-            order = torch.randperm(n, generator=generator)
             total, count = 0.0, 0
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
+            for idx in shuffled_batches(n, cfg.batch_size, generator, min_size):
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model, forward(inputs[idx]), y[idx])
                 objective = loss if phase.penalty is None else loss + phase.penalty()

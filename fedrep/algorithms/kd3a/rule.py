@@ -48,7 +48,7 @@ from fedrep.algorithms.kd3a.consensus import (
 from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
 from fedrep.algorithms.kd3a.vote import knowledge_vote
 from fedrep.algorithms.kd3a.weights import is_bn_buffer
-from fedrep.algorithms.training import Phase, make_optimizer
+from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
 
@@ -107,18 +107,15 @@ def local_batches(num_samples: int, batch_size: int, rounds_per_epoch: float) ->
 
 
 def _batches(n: int, batch_size: int, count: int, generator: torch.Generator):
-    """``count`` index batches, reshuffling at every pass over the data."""
+    """``count`` index batches (r rounds per epoch makes this a fraction of a pass, or several),
+    reshuffling at every pass over the data."""
     done = 0
-    while done < count:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if done == count:
-                return
-            idx = order[start:start + batch_size]
-            if len(idx) < 2 and n >= 2:  # BatchNorm needs two samples
-                continue
+    while 0 < n and done < count:
+        for idx in shuffled_batches(n, batch_size, generator, min_size=2):  # BatchNorm: two or more
             yield idx
             done += 1
+            if done == count:
+                return
 
 
 class KD3ARule(ClientUpdateRule):
