@@ -129,9 +129,14 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
 
 def preflight(cfg: RunConfig) -> None:
     """Fail fast, before Ray starts, on what would otherwise fail inside a client."""
+    from fedrep.models import build_model
     from fedrep.registry import get_strategy
 
-    get_strategy(cfg.strategy)
+    rule = get_strategy(cfg.strategy).client_rule(cfg)
+    try:
+        rule.check(rule.prepare_model(build_model(cfg)))
+    except ValueError as err:
+        raise ConfigError(f"strategy {cfg.strategy!r}: {err}") from None
     if cfg.dataset == "fashion-mnist":
         from fedrep.data.federated import DataKey, partitions
 
@@ -222,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_component(args.client_app)
     cfg = resolve_run_config(args)
     preflight(cfg)
+    args.active_run_dir = cfg.run_dir  # for the resume hint if the run is interrupted
     if args.engine == "flwr":
         _flwr_run(cfg, args.app, args.verbose)
     else:
@@ -299,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, PluginError) as err:
         print(f"fedrep: error: {err}", file=sys.stderr)
         return 2
-    except (RunFailed, RuntimeError) as err:  # the run started but did not complete
+    except (RunFailed, RuntimeError, FloatingPointError) as err:  # started, did not complete
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(f"fedrep: run failed: {err} (add -v for the traceback)", file=sys.stderr)
@@ -310,8 +316,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
     except KeyboardInterrupt:
-        print("fedrep: interrupted; continue with `fedrep run --resume RUN_DIR`", file=sys.stderr)
-        return 130
+        if args.command == "compare":
+            hint = f"rerun `fedrep compare {args.config}` with the same options to continue"
+        elif getattr(args, "active_run_dir", None):
+            hint = f"continue with `fedrep run --resume {args.active_run_dir}`"
+        else:
+            hint = "nothing was started"
+        print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Flower's client threads may still wait on Ray actors that are gone; the interpreter
+        # would join them at exit and hang. Everything worth keeping is already on disk.
+        os._exit(130)
 
 
 if __name__ == "__main__":

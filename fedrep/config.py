@@ -368,7 +368,9 @@ def load_experiment_file(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"experiment file {path} is not valid TOML: {err}") from None
-    nested = [key for key, value in data.items() if isinstance(value, dict)]
+    # strategy-options is the one key whose value is a table ({mu = 0.01}); RunConfig takes it
+    nested = [key for key, value in data.items()
+              if isinstance(value, dict) and key not in ("strategy-options", "strategy_options")]
     if nested:
         raise ConfigError(
             f"experiment file {path}: tables {nested} are not supported; write flat keys such as "

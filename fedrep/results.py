@@ -65,7 +65,7 @@ class RunDir:
             )
         run.path.mkdir(parents=True, exist_ok=True)
         cfg = cfg.model_copy(update={"run_dir": str(run.path), "resume": False})
-        atomic_write(run.path / "config.json", json.dumps(cfg.to_flower(), indent=2).encode())
+        run.write_config(cfg)
         run.write_state(0, "running")
         return run, cfg
 
@@ -87,6 +87,15 @@ class RunDir:
             diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
             raise ConfigError(f"cannot resume {self.path} with a different setup ({diffs}); only "
                               f"{sorted(RESUMABLE_CHANGES)} may change")
+        done = self.last_completed_round()
+        if cfg.num_rounds < done:  # running it would mark fewer rounds done and drop the rest
+            raise ConfigError(f"num-rounds: {self.path} has already completed {done} rounds; resume "
+                              f"with --rounds {done} or more (given {cfg.num_rounds})")
+
+    def write_config(self, cfg: RunConfig) -> None:
+        """Rewritten on every resume, so config.json says what the run is now: a later ``--resume``
+        without ``--rounds`` must continue to the raised round count, not fall back to the first."""
+        atomic_write(self.path / "config.json", json.dumps(cfg.to_flower(), indent=2).encode())
 
     def saved_config(self) -> RunConfig:
         data = json.loads((self.path / "config.json").read_text())

@@ -13,6 +13,7 @@ run as Ray actors on any of its nodes. ``deploy/ray/README.md`` covers the clust
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -219,6 +220,11 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
             verbose_logging=verbose,
             is_app=True,
         )
+    except KeyboardInterrupt:
+        # Stopping on purpose: Flower's client threads now log every actor Ray tears down as an
+        # error, pages of noise over the one line that says how to resume.
+        logging.getLogger("flwr").disabled = True
+        raise
     finally:
         ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
 

@@ -80,6 +80,7 @@ def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
     last = run.last_completed_round()
     run.truncate_metrics(last)
     cfg = cfg.model_copy(update={"run_dir": str(run.path)})
+    run.write_config(cfg.model_copy(update={"resume": False}))
     return run, cfg, last
 
 
@@ -108,16 +109,16 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
 
 
 def check_finite(server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
-    """Stop a diverged run before its NaNs become the global model: the last good round stays the
-    checkpoint to resume from, with a smaller learning rate."""
+    """Stop a diverged run before its NaNs become the global model and its checkpoint."""
     bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
-        loss = metrics.get("train-loss")
+        loss = f" (train-loss {metrics['train-loss']})" if "train-loss" in metrics else ""
+        kept = (f"the run folder keeps rounds 1-{server_round - 1} for inspection" if server_round > 1
+                else "no round completed")
         raise FloatingPointError(
             f"round {server_round}: the aggregated model has NaN/inf in {bad[:3]}"
-            f"{' and more' if len(bad) > 3 else ''} (train-loss {loss}); local training diverged. "
-            "Run again with a smaller lr (KD3A with batchnorm = 'mmd-loss': or a smaller "
-            f"mmd_weight); checkpoints up to round {server_round - 1} are kept")
+            f"{' and more' if len(bad) > 3 else ''}{loss}; local training diverged. Start a new run "
+            f"with a smaller lr (KD3A with batchnorm = 'mmd-loss': or a smaller mmd_weight); {kept}")
 
 
 def _strategy_state(strategy: Any) -> dict[str, Any]:
@@ -141,6 +142,7 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
     plugin = get_strategy(cfg.strategy)
     rule = plugin.client_rule(cfg)
     model = rule.prepare_model(build_model(cfg))
+    rule.check(model)  # a deployment has no CLI preflight: refuse before any client works
     shared_keys = rule.shared_keys(model)
     strategy = plugin.server_strategy(cfg)
     if last > 0:
@@ -174,7 +176,11 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
             sent = record.count_bytes() * len(train_msgs)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
-        check_finite(server_round, from_record(new_arrays), dict(train_metrics or {}))
+        try:
+            check_finite(server_round, from_record(new_arrays), dict(train_metrics or {}))
+        except FloatingPointError as err:
+            run.write_state(server_round - 1, "diverged", error=str(err), **_strategy_state(strategy))
+            raise
         arrays = from_record(new_arrays)
         row: dict[str, Any] = {"round": server_round}
         row.update(dict(train_metrics or {}))

@@ -53,6 +53,19 @@ def test_resume_of_a_non_run_folder(tmp_path: Path):
     assert "is not a fedrep run folder" in _fails("run", "--resume", str(tmp_path))
 
 
+def test_strategy_refuses_a_run_it_cannot_do_before_ray_starts():
+    assert "kd3a needs a multi-domain data set" in _fails("run", "--strategy", "kd3a")
+    err = _fails("run", "--strategy", "split", "--set", 'strategy-options={personal = ["bodyx"]}')
+    assert "strategy-options.personal: prefixes ['bodyx'] match no parameter" in err
+    # BatchNorm cannot train on batches of one: KD3A would spin forever, FedAvg make no step
+    domains = ["--set", "dataset=fmnist-domains", "--set", "model=cnn-bn", "--set", "num-clients=5",
+               "--set", "batch-size=1"]
+    for strategy in ("kd3a", "fedavg"):
+        err = _fails("run", "--strategy", strategy, *domains)
+        assert "batch-size=1: model 'cnn-bn' has BatchNorm" in err and "batch-size=2 or more" in err
+    assert "Ray" not in err  # refused before the simulation starts
+
+
 def test_config_file_errors_name_the_file(tmp_path: Path):
     exp = tmp_path / "exp.toml"
     exp.write_text("head-epochs = -2\n")

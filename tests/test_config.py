@@ -14,6 +14,7 @@ from fedrep.config import (
     parse_override,
     parse_run_config,
 )
+from fedrep.registry import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,14 @@ def test_experiment_file_and_overrides(tmp_path: Path):
     values.update([parse_override("lr=0.05"), parse_override("partition=iid")])
     cfg = parse_run_config(values)
     assert (cfg.num_rounds, cfg.strategy, cfg.lr, cfg.partition) == (7, "fedavg", 0.05, "iid")
+
+
+def test_experiment_file_takes_strategy_options_as_a_table(tmp_path: Path):
+    exp = tmp_path / "prox.toml"
+    exp.write_text('strategy = "fedprox"\nstrategy-options = {mu = 0.01}\n')
+    cfg = parse_run_config(load_experiment_file(exp))
+    assert cfg.strategy_options == "{mu = 0.01}"
+    assert get_strategy("fedprox").parse_options(cfg.strategy_options).mu == 0.01
 
 
 def test_experiment_file_errors(tmp_path: Path):

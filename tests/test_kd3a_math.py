@@ -479,3 +479,14 @@ def test_target_distillation_loss_by_hand():
     row1 = -(0.25 * math.log(0.75) + 0.75 * math.log(0.25))
     expected = (math.log(2.0) + row1) / 3
     assert float(target_distillation_loss(logits, consensus, weight)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_source_batches_count_across_passes_and_never_spin():
+    from fedrep.algorithms.kd3a.rule import _batches
+
+    gen = torch.Generator().manual_seed(0)
+    got = list(_batches(5, 2, 7, gen))  # 5 samples, batch 2: passes of [2, 2] (the 1 is dropped)
+    assert [len(b) for b in got] == [2] * 7
+    assert all(len(set(torch.cat(got[i:i + 2]).tolist())) == 4 for i in (0, 2, 4))  # one pass each
+    # batch-size 1 with BatchNorm fits no batch: the config refuses it, and the loop must end
+    assert list(_batches(5, 1, 3, gen)) == []

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from fedrep.algorithms.training import EvalResult, LocalResult, Phase, evaluate, run_phases
+from fedrep.algorithms.training import (
+    EvalResult,
+    LocalResult,
+    Phase,
+    evaluate,
+    min_batch_size,
+    run_phases,
+)
 from fedrep.config import RunConfig
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
@@ -52,6 +59,17 @@ class ClientUpdateRule(ABC):
     def prepare_model(self, model: SplitModel) -> SplitModel:
         """Wrap or extend the run's model (Ditto adds a personal copy). Default: unchanged."""
         return model
+
+    def check(self, model: SplitModel) -> None:
+        """Reject a run this rule cannot do before anything starts (the CLI calls it before Ray
+        starts, the ServerApp before round 1), rather than in every client later. Raise
+        ValueError naming the run-config key and the fix. Overrides should call this one."""
+        self.shared_keys(model)  # e.g. a personal prefix that names no layer
+        smallest = min_batch_size(model)
+        if self.cfg.batch_size < smallest:
+            raise ValueError(f"batch-size={self.cfg.batch_size}: model {self.cfg.model!r} has "
+                             f"BatchNorm, which needs batches of {smallest} or more; set "
+                             f"batch-size={smallest} or more")
 
     @abstractmethod
     def shared_keys(self, model: SplitModel) -> list[str]:

@@ -51,7 +51,7 @@ class SplitUpdate(ClientUpdateRule):
         keys = list(model.state_dict())
         unknown = [p for p in prefixes if not any(_is_personal(k, (p,)) for k in keys)]
         if unknown:
-            raise ValueError(f"personal prefixes {unknown} match no parameter; "
+            raise ValueError(f"strategy-options.personal: prefixes {unknown} match no parameter; "
                              f"parameters are {keys}")
         return [k for k in keys if not _is_personal(k, prefixes)]
 

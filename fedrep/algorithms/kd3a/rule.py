@@ -49,6 +49,7 @@ from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
 from fedrep.algorithms.kd3a.vote import knowledge_vote
 from fedrep.algorithms.kd3a.weights import is_bn_buffer
 from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
+from fedrep.config import MULTI_DOMAIN
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
 
@@ -111,17 +112,26 @@ def _batches(n: int, batch_size: int, count: int, generator: torch.Generator):
     reshuffling at every pass over the data."""
     done = 0
     while 0 < n and done < count:
+        before = done
         for idx in shuffled_batches(n, batch_size, generator, min_size=2):  # BatchNorm: two or more
             yield idx
             done += 1
             if done == count:
                 return
+        if done == before:  # no batch of two fits (batch-size=1): stop, never spin
+            return
 
 
 class KD3ARule(ClientUpdateRule):
     """Client rule for every KD3A party; the action says which role a message asks for."""
 
     options: KD3AOptions
+
+    def check(self, model: SplitModel) -> None:
+        if self.cfg.dataset not in MULTI_DOMAIN:  # it needs a target domain and labelled sources
+            raise ValueError(f"dataset={self.cfg.dataset!r}: kd3a needs a multi-domain data set, "
+                             f"one of {list(MULTI_DOMAIN)}; set dataset=\"fmnist-domains\"")
+        super().check(model)
 
     def shared_keys(self, model: SplitModel) -> list[str]:
         if self.options.mode == "source-only":
