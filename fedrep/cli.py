@@ -247,8 +247,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from fedrep.results import RunDir
 
     RunDir.open(args.run_dir)
+    if args.out:
+        _check_image_path(Path(args.out))
     print(plot_run(args.run_dir, args.out))
     return 0
+
+
+def _check_image_path(out: Path) -> None:
+    """matplotlib picks the format from the suffix; fail before plotting, not in savefig."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ConfigError(f"--out {out}: {'.' + suffix if suffix else 'no suffix'} is not an image "
+                          f"format matplotlib writes; end the name in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ headline metric (target accuracy where there is one) to strategies x values, wit
 
 Each strategy runs as its own ``fedrep run`` (own process, own Ray) into ``OUT/<strategy>/``.
 Finished runs are skipped and interrupted ones resumed, so re-running the command after a crash
-continues where it stopped; raising ``num-rounds`` extends finished runs, and a folder left by any
-other change of setup is refused rather than mixed into the table. The table (``results.md`` and
+continues where it stopped; raising ``num-rounds`` extends finished runs, and lowering it, or
+any other change of setup, is refused rather than mixed into the table. The table (``results.md`` and
 ``results.csv``) and ``accuracy.png`` go to ``OUT``. Because every strategy sees the same clients
 and test images, ``results.md`` also pairs them client by client against the file's first
 strategy (mean difference ± standard error, wins and losses; ``paired.csv``): the table's ± is
@@ -38,6 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedrep.config import ConfigError, RunConfig, parse_run_config
 from fedrep.results import RunDir
+
+# Run-config keys a comparison sets itself for every run.
+COMPARE_OWNS = frozenset({"strategy", "run-dir", "resume", "out-dir"})
 
 
 class CompareConfig(BaseModel):
@@ -81,8 +84,18 @@ def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any
         raise ConfigError(f"comparison file {path} does not exist")
     try:
         spec = CompareConfig.model_validate(tomllib.loads(path.read_text()))
-    except (tomllib.TOMLDecodeError, ValidationError) as err:
-        raise ConfigError(f"comparison file {path}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"comparison file {path} is not valid TOML: {err}") from None
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
+        raise ConfigError(f"comparison file {path}: {problems}") from None
+    for table, keys in [("config", spec.config), *((f"overrides.{k}", v) for k, v in spec.overrides.items())]:
+        ignored = sorted(set(keys) & COMPARE_OWNS)
+        if ignored:  # the comparison decides these; a silently ignored key misleads
+            raise ConfigError(f"comparison file {path}: [{table}] sets {ignored}; the comparison "
+                              "decides them (list strategies in `strategies = [...]`, choose the "
+                              "folder with --out)")
     labels = [name.partition("=")[0] for name in spec.strategies]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"comparison file {path}: strategies {spec.strategies} use one label twice")

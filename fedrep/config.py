@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1,
                                         "fmnist-domains": 10, "digit-five": 10}
@@ -228,6 +236,14 @@ class RunConfig(BaseModel):
     out_dir: str = Field("runs", description="Parent folder for new run folders.")
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for an int field; ``eval-every = true`` is a mistake."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+            raise ValueError("a true/false value where a number or text is expected")
+        return value
 
     @field_validator("strategy")
     @classmethod

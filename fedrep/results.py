@@ -89,8 +89,8 @@ class RunDir:
                               f"{sorted(RESUMABLE_CHANGES)} may change")
         done = self.last_completed_round()
         if cfg.num_rounds < done:  # running it would mark fewer rounds done and drop the rest
-            raise ConfigError(f"num-rounds: {self.path} has already completed {done} rounds; resume "
-                              f"with --rounds {done} or more (given {cfg.num_rounds})")
+            raise ConfigError(f"num-rounds={cfg.num_rounds}: {self.path} has already completed "
+                              f"{done} rounds; ask for {done} or more (--rounds {done})")
 
     def write_config(self, cfg: RunConfig) -> None:
         """Rewritten on every resume, so config.json says what the run is now: a later ``--resume``

@@ -157,7 +157,8 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
               if cfg.dataset == "linear-synthetic" else None)
     audit = AuditingGrid(grid)
     print(f"[fedrep] {cfg.strategy} on {cfg.dataset}: {cfg.num_clients} clients, "
-          f"{cfg.num_rounds} rounds -> {run.path}", file=sys.stderr, flush=True)
+          f"{cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''} -> {run.path}",
+          file=sys.stderr, flush=True)
     started = time.perf_counter()
     for server_round in range(last + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()

@@ -23,6 +23,14 @@ def test_comparison_file_is_validated_up_front(tmp_path: Path):
     bad.write_text('strategies = ["fedrep"]\n[config]\nhead-epochs = -1\n')
     with pytest.raises(ConfigError, match="'head-epochs' = -1"):
         load_comparison(bad)
+    bad.write_text('strategies = []\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: strategies: List should have at least 1 item")\
+            as err:
+        load_comparison(bad)
+    assert "\n" not in str(err.value) and "http" not in str(err.value)  # one line, no pydantic URL
+    bad.write_text('strategies = ["fedrep"]\n[config]\nstrategy = "fedavg"\n')
+    with pytest.raises(ConfigError, match=r"\[config\] sets \['strategy'\]; the comparison decides"):
+        load_comparison(bad)
     ok = tmp_path / "ok.toml"
     ok.write_text('strategies = ["fedrep", "fedprox"]\n[config]\nseed = 4\n'
                   '[overrides.fedprox]\nstrategy-options = {mu = 0.5}\n')
@@ -158,3 +166,6 @@ def test_a_run_folder_from_another_setup_is_neither_skipped_nor_resumed(tmp_path
     assert _run_one(cfg, run.path) == 0.0  # the same setup, finished: skipped
     with pytest.raises(ConfigError, match=r"seed: saved 1 vs given 2.*pass another --out"):
         _run_one(cfg.model_copy(update={"seed": 2}), run.path)
+    # fewer rounds than the folder holds: its longer run would stand in the table for a short one
+    with pytest.raises(ConfigError, match=r"num-rounds=2: .* completed 3 rounds.*pass another --out"):
+        _run_one(cfg.model_copy(update={"num_rounds": 2}), run.path)

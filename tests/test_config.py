@@ -66,6 +66,12 @@ def test_model_must_fit_dataset():
         parse_run_config({"dataset": "linear-synthetic", "model": "cnn"})
 
 
+def test_a_boolean_is_not_a_number():
+    with pytest.raises(ConfigError, match="'eval-every' = True: a true/false value"):
+        parse_run_config({"eval-every": True})
+    assert parse_run_config({"irrelevant-source": True}).irrelevant_source is True
+
+
 def test_resume_needs_run_dir():
     with pytest.raises(ConfigError, match="resume=true needs run-dir"):
         parse_run_config({"resume": True})

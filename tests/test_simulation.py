@@ -99,9 +99,12 @@ def test_flower_run_equals_single_process_reference(fedrep_run: RunDir):
 
 
 def test_plot_command_redraws(fedrep_run: RunDir, tmp_path: Path):
-    target = tmp_path / "again.png"
+    target = tmp_path / "new-folder" / "again.pdf"  # a folder that does not exist yet, a PDF
     proc = fedrep_cli("plot", str(fedrep_run.path), "--out", str(target))
-    assert target.is_file() and target.stat().st_size > 10_000 and str(target) in proc.stdout
+    assert target.is_file() and target.read_bytes().startswith(b"%PDF") and str(target) in proc.stdout
+    bad = fedrep_cli("plot", str(fedrep_run.path), "--out", str(tmp_path / "x.pnj"), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert ".pnj is not an image format" in bad.stderr and ".png" in bad.stderr
 
 
 def test_parse_of_saved_config_roundtrips(fedrep_run: RunDir):
