@@ -177,12 +177,14 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
             sent = record.count_bytes() * len(train_msgs)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
+        aggregated = from_record(new_arrays)
         try:
-            check_finite(server_round, from_record(new_arrays), dict(train_metrics or {}))
-        except FloatingPointError as err:
-            run.write_state(server_round - 1, "diverged", error=str(err), **_strategy_state(strategy))
+            check_finite(server_round, aggregated, dict(train_metrics or {}))
+        except FloatingPointError as err:  # keep the last good round's strategy state, not this one's
+            good = {k: v for k, v in run.state().items() if k == "strategy-state"}
+            run.write_state(server_round - 1, "diverged", error=str(err), **good)
             raise
-        arrays = from_record(new_arrays)
+        arrays = aggregated
         row: dict[str, Any] = {"round": server_round}
         row.update(dict(train_metrics or {}))
         row["bytes-sent"] = sent
