@@ -58,8 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, help="communication rounds")
     run.add_argument("--seed", type=int, help="run seed")
     run.add_argument("--out", help="parent folder for the run folder (default: runs)")
-    run.add_argument("--dataset", help="fashion-mnist | linear-synthetic")
-    run.add_argument("--model", help="cnn | mlp | linear")
+    run.add_argument("--dataset", help="fashion-mnist | linear-synthetic | fmnist-domains | digit-five")
+    run.add_argument("--model", help="cnn | mlp | linear | cnn-bn")
     run.add_argument("--partition", help="pathological | dirichlet | iid")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any run-config key, e.g. --set head-epochs=5 (repeatable)")

@@ -34,7 +34,7 @@ from pydantic import (
 DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1,
                                         "fmnist-domains": 10, "digit-five": 10}
 DATASET_MODELS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("cnn", "mlp"),
+    "fashion-mnist": ("cnn", "mlp", "cnn-bn"),
     "linear-synthetic": ("linear",),
     "fmnist-domains": ("cnn-bn",),
     "digit-five": ("cnn-bn",),
@@ -122,7 +122,8 @@ class RunConfig(BaseModel):
         "cnn",
         description="Network. 'cnn' is the paper's CIFAR CNN (official Nets.py CNNCifar) sized for the "
         "input; 'mlp' is the official MLP; 'linear' is the Sec. 5 model y = w^T B^T x; 'cnn-bn' is a "
-        "BatchNorm CNN for 3x32x32 domains (KD3A's digit network, narrowed).",
+        "BatchNorm CNN (KD3A's digit network, narrowed) for 3x32x32 domains or 1x28x28 Fashion-MNIST "
+        "(BN-only personalization: strategy 'split' with personal_batchnorm).",
     )
 
     # --- federation and data split ------------------------------------------------------------

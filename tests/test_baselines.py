@@ -121,3 +121,29 @@ def test_every_strategy_learns_on_the_linear_task(name: str):
     start = evaluate_all(cfg, rule, run_reference(cfg, rule, rounds=0))["loss-mean"]
     end = evaluate_all(cfg, rule, run_reference(cfg, rule, rounds=5))["loss-mean"]
     assert end < start, (start, end)
+
+
+def test_batchnorm_only_personalization_keeps_every_bn_layer_home():
+    cfg, rule, model = _rule("split", model="cnn-bn",
+                             **{"strategy-options": "{personal = [], personal_batchnorm = true}"})
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms == ["body.1", "body.5", "body.10"]  # the cnn-bn layout on 1x28x28 Fashion-MNIST
+    expected = [k for k in model.state_dict() if k.rsplit(".", 1)[0] in norms]
+    assert rule.personal_keys(model) == expected and len(expected) == 3 * 5  # w, b, mean, var, count
+    assert "head.weight" in rule.shared_keys(model) and "body.0.weight" in rule.shared_keys(model)
+    rule.check(model)  # a runnable setup: nothing raised
+    _, rule, model = _rule("split", **{"strategy-options": "{personal_batchnorm = true}"})  # mlp
+    with pytest.raises(ValueError, match="personal_batchnorm: model 'mlp' has no BatchNorm"):
+        rule.check(model)
+    with pytest.raises(ConfigError, match="nothing is personal"):
+        _rule("split", **{"strategy-options": "{personal = []}"})
+
+
+def test_supervised_strategies_refuse_a_multi_domain_set():
+    cfg = parse_run_config({"strategy": "fedavg", "dataset": "fmnist-domains", "model": "cnn-bn",
+                            "num-clients": 5})
+    rule = get_strategy("fedavg").client_rule(cfg)
+    with pytest.raises(ValueError, match="partition 0 is KD3A's unlabelled target"):
+        rule.check(build_model(cfg))
+    kd3a = get_strategy("kd3a").client_rule(cfg.model_copy(update={"strategy": "kd3a"}))
+    kd3a.check(build_model(cfg))  # KD3A is made for it

@@ -57,11 +57,11 @@ def test_strategy_refuses_a_run_it_cannot_do_before_ray_starts():
     assert "kd3a needs a multi-domain data set" in _fails("run", "--strategy", "kd3a")
     err = _fails("run", "--strategy", "split", "--set", 'strategy-options={personal = ["bodyx"]}')
     assert "strategy-options.personal: prefixes ['bodyx'] match no parameter" in err
+    domains = ["--set", "dataset=fmnist-domains", "--set", "model=cnn-bn", "--set", "num-clients=5"]
+    assert "partition 0 is KD3A's unlabelled target" in _fails("run", "--strategy", "fedavg", *domains)
     # BatchNorm cannot train on batches of one: KD3A would spin forever, FedAvg make no step
-    domains = ["--set", "dataset=fmnist-domains", "--set", "model=cnn-bn", "--set", "num-clients=5",
-               "--set", "batch-size=1"]
-    for strategy in ("kd3a", "fedavg"):
-        err = _fails("run", "--strategy", strategy, *domains)
+    for strategy, data in (("kd3a", domains), ("fedavg", ["--set", "model=cnn-bn"])):
+        err = _fails("run", "--strategy", strategy, *data, "--set", "batch-size=1")
         assert "batch-size=1: model 'cnn-bn' has BatchNorm" in err and "batch-size=2 or more" in err
     assert "Ray" not in err  # refused before the simulation starts
 

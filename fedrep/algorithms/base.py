@@ -9,7 +9,7 @@ server sent and the client's personal parameters from its own state into one mod
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,7 +21,7 @@ from fedrep.algorithms.training import (
     min_batch_size,
     run_phases,
 )
-from fedrep.config import RunConfig
+from fedrep.config import MULTI_DOMAIN, RunConfig
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
 
@@ -52,6 +52,10 @@ def proximal_term(model: torch.nn.Module, names: frozenset[str] | set[str], weig
 class ClientUpdateRule(ABC):
     """Client half of a strategy plugin. ``options`` is the plugin's validated options model."""
 
+    # Trains on labels on every client. Multi-domain sets withhold partition 0's labels (KD3A's
+    # unlabelled target), so such a rule cannot run on them.
+    needs_labels_everywhere: ClassVar[bool] = True
+
     def __init__(self, cfg: RunConfig, options: Any = None) -> None:
         self.cfg = cfg
         self.options = options
@@ -64,6 +68,10 @@ class ClientUpdateRule(ABC):
         """Reject a run this rule cannot do before anything starts (the CLI calls it before Ray
         starts, the ServerApp before round 1), rather than in every client later. Raise
         ValueError naming the run-config key and the fix. Overrides should call this one."""
+        if self.needs_labels_everywhere and self.cfg.dataset in MULTI_DOMAIN:
+            raise ValueError(f"dataset={self.cfg.dataset!r}: its partition 0 is KD3A's unlabelled "
+                             "target, and this strategy trains on labels on every client; use "
+                             "strategy kd3a, or dataset fashion-mnist (model cnn-bn for BatchNorm)")
         self.shared_keys(model)  # e.g. a personal prefix that names no layer
         smallest = min_batch_size(model)
         if self.cfg.batch_size < smallest:

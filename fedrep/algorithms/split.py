@@ -3,14 +3,17 @@
 * FedPer (Arivazhagan et al., 2019): base layers shared, personalization layers (the head)
   kept; all layers trained together each round.
 * LG-FedAvg (Liang et al., 2020): the inverse, local representation and global head.
-* Any other split by state-dict prefix: BN-only personalization (``personal = ["body.1"]`` for
-  a BatchNorm at body index 1), "separate bottom layers" hard parameter sharing
-  (``personal = ["body.0"]``), ...
+* Any other split by state-dict prefix: "separate bottom layers" hard parameter sharing
+  (``personal = ["body.0"]``), one BatchNorm layer (``personal = ["body.1"]`` on ``cnn-bn``), ...
+* BN-only personalization, as FedBN (Li et al., ICLR 2021): ``personal = []`` with
+  ``personal_batchnorm = true`` keeps every BatchNorm layer's affine weights and running
+  statistics on the client, whatever the layers are called.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from fedrep.algorithms.base import ClientUpdateRule, all_params
 from fedrep.algorithms.training import Phase
@@ -24,12 +27,23 @@ class SplitOptions(BaseModel):
         ("head",), description="State-dict prefixes kept on the client, e.g. ['head'] or ['body.0']."
     )
 
+    personal_batchnorm: bool = Field(
+        False, description="Also keep every BatchNorm layer (weights and running statistics) on "
+        "the client: FedBN with personal = [] (needs model cnn-bn).")
+
     @field_validator("personal")
     @classmethod
-    def _non_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value or any(not p for p in value):
-            raise ValueError("give at least one non-empty prefix, e.g. ['head']")
+    def _no_empty_prefix(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not p for p in value):
+            raise ValueError("a prefix is empty; give prefixes such as ['head'] or ['body.0']")
         return value
+
+    @model_validator(mode="after")
+    def _something_personal(self) -> SplitOptions:
+        if not self.personal and not self.personal_batchnorm:
+            raise ValueError("nothing is personal: give a prefix such as ['head'], or "
+                             "personal_batchnorm = true (or use strategy fedavg)")
+        return self
 
 
 def _is_personal(key: str, prefixes: tuple[str, ...]) -> bool:
@@ -41,19 +55,27 @@ class SplitUpdate(ClientUpdateRule):
 
     default_personal: tuple[str, ...] = ("head",)
 
-    def personal_prefixes(self) -> tuple[str, ...]:
-        if isinstance(self.options, SplitOptions):
-            return self.options.personal
-        return self.default_personal
-
-    def shared_keys(self, model: SplitModel) -> list[str]:
-        prefixes = self.personal_prefixes()
+    def personal_prefixes(self, model: SplitModel) -> tuple[str, ...]:
+        if not isinstance(self.options, SplitOptions):
+            return self.default_personal
+        prefixes = self.options.personal
         keys = list(model.state_dict())
         unknown = [p for p in prefixes if not any(_is_personal(k, (p,)) for k in keys)]
         if unknown:
             raise ValueError(f"strategy-options.personal: prefixes {unknown} match no parameter; "
                              f"parameters are {keys}")
-        return [k for k in keys if not _is_personal(k, prefixes)]
+        if self.options.personal_batchnorm:
+            norms = tuple(name for name, m in model.named_modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm))
+            if not norms:
+                raise ValueError(f"strategy-options.personal_batchnorm: model {self.cfg.model!r} has "
+                                 "no BatchNorm layer; use model cnn-bn")
+            prefixes += norms
+        return prefixes
+
+    def shared_keys(self, model: SplitModel) -> list[str]:
+        prefixes = self.personal_prefixes(model)
+        return [k for k in model.state_dict() if not _is_personal(k, prefixes)]
 
     def phases(self, model: SplitModel) -> list[Phase]:
         return [Phase(all_params(model), self.cfg.local_epochs)]

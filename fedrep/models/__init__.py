@@ -22,7 +22,9 @@ def build_model(cfg: RunConfig) -> SplitModel:
         if cfg.model == "cnn":
             return PaperCNN(num_classes=10, in_channels=1, image_size=28)
         if cfg.model == "cnn-bn":
-            return DomainCNN(num_classes=10, **({"width": cfg.model_width} if cfg.model_width else {}))
+            shape = {"in_channels": 1, "image_size": 28} if cfg.dataset == "fashion-mnist" else {}
+            width = {"width": cfg.model_width} if cfg.model_width else {}
+            return DomainCNN(num_classes=10, **shape, **width)
         if cfg.model == "mlp":
             return PaperMLP(in_features=28 * 28, num_classes=10)
         return LinearRepresentation(cfg.linear_dim, cfg.linear_rank)

@@ -126,6 +126,7 @@ class KD3ARule(ClientUpdateRule):
     """Client rule for every KD3A party; the action says which role a message asks for."""
 
     options: KD3AOptions
+    needs_labels_everywhere = False  # the target learns from the sources' vote
 
     def check(self, model: SplitModel) -> None:
         if self.cfg.dataset not in MULTI_DOMAIN:  # it needs a target domain and labelled sources
