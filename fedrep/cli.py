@@ -279,8 +279,11 @@ def cmd_strategies(_: argparse.Namespace) -> int:
         print(f"{'':<{width}}  {row['description']}")
         if row.get("config-keys"):
             print(f"{'':<{width}}  config keys: {row['config-keys']}")
-        if row.get("options"):
-            print(f"{'':<{width}}  strategy-options: {{{row['options']}}}")
+        if row["options"]:
+            print(f"{'':<{width}}  strategy-options (TOML inline table: --set "
+                  f"'strategy-options={{{row['options'][0][0]}}}'):")
+            for assignment, description in row["options"]:
+                print(f"{'':<{width}}    {assignment}" + (f"  # {description}" if description else ""))
     return 0
 
 

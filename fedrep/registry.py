@@ -190,20 +190,32 @@ def client_actions() -> dict[str, str]:
     return owners
 
 
-def describe() -> list[dict[str, str]]:
-    """One row per installed plugin: name, package, target, description (or the import error)."""
-    rows = []
+def describe() -> list[dict[str, Any]]:
+    """One row per installed plugin: name, package, target, description (or the import error),
+    config keys, and its options as lines a user can copy into ``strategy-options``."""
+    rows: list[dict[str, Any]] = []
     for name, ep in sorted(_entry_points().items()):
-        row = {"name": name, "package": _dist_name(ep), "target": ep.value}
+        row: dict[str, Any] = {"name": name, "package": _dist_name(ep), "target": ep.value,
+                               "config-keys": "", "options": []}
         try:
             plugin = get_strategy(name)
             row["description"] = plugin.description
             row["config-keys"] = ", ".join(plugin.config_keys)
-            row["options"] = ", ".join(
-                f"{name}={f.default!r}" for name, f in plugin.options.model_fields.items())
+            row["options"] = option_lines(plugin.options)
         except PluginError as err:
             row["description"] = f"BROKEN: {err}"
-            row["config-keys"] = ""
-            row["options"] = ""
         rows.append(row)
     return rows
+
+
+def option_lines(options: type[BaseModel]) -> list[tuple[str, str]]:
+    """(``name = <default as TOML>``, description) per option, ready to copy into
+    ``strategy-options`` (``(required)`` where there is no default)."""
+    from fedrep.config import toml_value
+
+    lines = []
+    for name, f in options.model_fields.items():
+        default = ("(required)" if f.is_required()
+                   else toml_value(f.get_default(call_default_factory=True)))
+        lines.append((f"{name} = {default}", f.description or ""))
+    return lines

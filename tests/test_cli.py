@@ -19,6 +19,10 @@ def test_strategies_lists_builtins_with_package():
     line = next(x for x in out.splitlines() if x.startswith("fedrep "))
     assert line.endswith("[fedrep: server.strategies.fedrep:PLUGIN]")
     assert "fedavg" in out and "config keys: head-epochs" in out
+    # options as TOML a user can paste, with their descriptions
+    assert "strategy-options (TOML inline table: --set 'strategy-options={personal = [\"head\"]}')" in out
+    assert '    personal = ["head"]  # State-dict prefixes kept on the client' in out
+    assert "    personal_batchnorm = false  # " in out and '    mode = "kd3a"  # ' in out
 
 
 def test_version_is_the_installed_distribution():

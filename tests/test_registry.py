@@ -104,3 +104,17 @@ def test_builtin_table_matches_pyproject():
     root = Path(__file__).resolve().parents[1]
     declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]
     assert declared["fedrep.strategies"] == registry.BUILTINS
+
+
+def test_option_lines_are_toml_with_required_and_factory_defaults():
+    from pydantic import BaseModel, Field
+
+    from fedrep.registry import option_lines
+
+    class Opts(BaseModel):
+        mu: float = Field(description="proximal weight")
+        layers: list[str] = Field(default_factory=lambda: ["head"])
+        on: bool = True
+
+    assert option_lines(Opts) == [("mu = (required)", "proximal weight"),
+                                  ('layers = ["head"]', ""), ("on = true", "")]

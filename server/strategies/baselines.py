@@ -31,7 +31,8 @@ LG_FEDAVG = StrategyPlugin(
 )
 SPLIT = StrategyPlugin(
     name="split",
-    description="Any shared/personal split by layer: strategy-options '{personal = [\"body.0\"]}'.",
+    description="Any shared/personal split by layer ('{personal = [\"body.0\"]}'), or BN-only "
+    "personalization as FedBN ('{personal = [], personal_batchnorm = true}', model cnn-bn).",
     server=SharedAveraging, client=SplitUpdate, config_keys=JOINT, options=SplitOptions,
 )
 LOCAL = StrategyPlugin(
