@@ -52,8 +52,8 @@ class StrategyPlugin:
     ``config_keys`` lists the shared run-config keys the plugin reads, for ``fedrep strategies``.
     ``client_actions`` names extra message types the client half handles, ``train.<action>``
     (KD3A's ``kd3a_source`` and ``kd3a_target``; Python identifiers, as Flower requires); the
-    ClientApp routes them to ``ClientUpdateRule.act``. Prefix them with the plugin's name: they
-    share one namespace.
+    ClientApp routes them to the running strategy's ``ClientUpdateRule.act``, so two plugins
+    may use the same action name.
     """
 
     name: str
@@ -166,28 +166,30 @@ def get_strategy(name: str) -> StrategyPlugin:
             f"package {_dist_name(ep)} registers {plugin.name!r} under the entry-point name "
             f"{name!r}; make them equal"
         )
+    bad = [a for a in plugin.client_actions if not a.isidentifier()]
+    if bad:
+        raise PluginError(f"plugin {name!r} of package {_dist_name(ep)} declares client actions "
+                          f"{bad}; Flower routes only Python identifiers (e.g. '{name.replace('-', '_')}"
+                          "_phase1')")
     return plugin
 
 
-def client_actions() -> dict[str, str]:
-    """Every extra client message action of the installed plugins: action -> plugin name.
+def client_actions() -> list[str]:
+    """Every extra client message action the installed plugins declare, each once.
 
-    A plugin that fails to import is left out here (using it reports the import error)."""
-    owners: dict[str, str] = {}
+    The ClientApp must register its handlers when it is imported, before it knows the run's
+    strategy, so it registers all of them. Each handler calls the *running* strategy's rule, so
+    two plugins may declare the same action without interfering. A plugin that fails to import,
+    or declares an action Flower cannot route, is left out here: only runs that use it fail, with
+    its own error, rather than every run on the node."""
+    actions: list[str] = []
     for name in available_strategies():
         try:
             plugin = get_strategy(name)
         except PluginError:
             continue
-        for action in plugin.client_actions:
-            if not action.isidentifier():
-                raise PluginError(f"plugin {name!r} declares client action {action!r}; Flower needs a "
-                                  "Python identifier (e.g. 'myplugin_phase1')")
-            if action in owners:
-                raise PluginError(f"client action {action!r} is claimed by plugins {owners[action]!r} "
-                                  f"and {name!r}; prefix actions with the plugin name")
-            owners[action] = name
-    return owners
+        actions += [a for a in plugin.client_actions if a.isidentifier() and a not in actions]
+    return actions
 
 
 def describe() -> list[dict[str, Any]]:

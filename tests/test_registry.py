@@ -92,6 +92,23 @@ def test_entry_point_must_be_a_plugin_with_its_name(plugin_path: Path):
         registry.get_strategy("named")
 
 
+def test_client_actions_shared_names_and_bad_names(plugin_path: Path):
+    code = ("from fedrep.registry import StrategyPlugin\n"
+            "A = StrategyPlugin('act-a', '', object, object, client_actions=('phase', 'kd3a_source'))\n"
+            "B = StrategyPlugin('act-b', '', object, object, client_actions=('phase',))\n"
+            "BAD = StrategyPlugin('act-bad', '', object, object, client_actions=('two words',))\n")
+    _install_fake_dist(plugin_path, "fake-plugin-actions", {"act-a": "fake_plugin_actions:A",
+                                                            "act-b": "fake_plugin_actions:B",
+                                                            "act-bad": "fake_plugin_actions:BAD"},
+                       "fake_plugin_actions", code)
+    # one handler per name: it calls the running strategy's rule, so a shared name is harmless,
+    # and a broken declaration is left out instead of breaking every run on the node
+    actions = registry.client_actions()
+    assert sorted(actions) == ["kd3a_source", "kd3a_target", "phase"]
+    with pytest.raises(registry.PluginError, match=r"act-bad.*\['two words'\].*Python identifiers"):
+        registry.get_strategy("act-bad")
+
+
 def test_unknown_strategy_message():
     with pytest.raises(registry.PluginError, match="unknown strategy 'nope'; installed: .*fedrep"):
         registry.get_strategy("nope")
