@@ -21,13 +21,27 @@ def _pip(*args: str) -> None:
                    check=True, capture_output=True, text=True)
 
 
+def _installed() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("fedrep-plugin-fedbabu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
 @pytest.fixture
 def installed_example():
+    """Installed for the test, then the environment is left as it was found: a developer who had
+    installed the example keeps it."""
+    had_it = _installed()
     _pip("install", "--no-deps", "--no-build-isolation", "-e", str(EXAMPLE))
     try:
-        yield
+        yield had_it
     finally:
-        _pip("uninstall", "-y", "fedrep-plugin-fedbabu")
+        if not had_it and _installed():
+            _pip("uninstall", "-y", "fedrep-plugin-fedbabu")
 
 
 def test_example_plugin_installs_runs_and_uninstalls(installed_example, tmp_path: Path,
@@ -35,7 +49,7 @@ def test_example_plugin_installs_runs_and_uninstalls(installed_example, tmp_path
     listing = fedrep_cli("strategies").stdout
     line = next(x for x in listing.splitlines() if x.startswith("fedbabu "))
     assert line.endswith("[fedrep-plugin-fedbabu: fedbabu_plugin:PLUGIN]")
-    assert "strategy-options: {finetune_epochs=5}" in listing
+    assert "    finetune_epochs = 5  # " in listing
     run_dir = tmp_path / "babu"
     fedrep_cli("run", *SMALL_FMNIST, "--strategy", "fedbabu", "--rounds", "2",
                "--set", "strategy-options={finetune_epochs = 3}", "--set", f"run-dir={run_dir}",
@@ -45,8 +59,8 @@ def test_example_plugin_installs_runs_and_uninstalls(installed_example, tmp_path
     assert run.read_metrics()[-1]["accuracy-mean"] > 0.5
     audit = [r for r in run.read_audit() if r["kind"] == "train"]
     assert audit and all(not any("head" in a for a in r["arrays"]) for r in audit)
-
-
-def test_example_is_gone_after_uninstall():
-    proc = fedrep_cli("run", "--strategy", "fedbabu", check=False, timeout=60)
-    assert proc.returncode == 2 and "unknown strategy 'fedbabu'" in proc.stderr
+    if installed_example:
+        return  # it was installed before the test; it stays
+    _pip("uninstall", "-y", "fedrep-plugin-fedbabu")  # (the fixture's uninstall is then a no-op)
+    assert not _installed()
+    assert not any(x.startswith("fedbabu ") for x in fedrep_cli("strategies").stdout.splitlines())
