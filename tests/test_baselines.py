@@ -109,6 +109,14 @@ def test_fedavg_ft_finetunes_only_the_head_before_evaluating():
     assert not torch.equal(before["head.weight"], after["head.weight"])
 
 
+def test_fedavg_ft_can_finetune_the_whole_model():
+    _, rule, model = _rule("fedavg-ft", **{"strategy-options": '{finetune_epochs = 2, finetune = "all"}'})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rule.evaluate(model, _toy(), round_generator(1, 1, 0, EVAL))
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # body and head both trained
+
+
 @pytest.mark.parametrize("name", ["fedavg", "fedavg-ft", "fedper", "lg-fedavg", "local",
                                   "fedprox", "ditto", "fedrep"])
 def test_every_strategy_learns_on_the_linear_task(name: str):

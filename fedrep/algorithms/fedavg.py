@@ -6,10 +6,12 @@ Here mainly as the reference FedRep is measured against; the personalization bas
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedrep.algorithms.base import ClientUpdateRule
+from fedrep.algorithms.base import ClientUpdateRule, all_params
 from fedrep.algorithms.training import EvalResult, Phase
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
@@ -29,6 +31,9 @@ class FedAvgFTOptions(BaseModel):
 
     finetune_epochs: int = Field(10, ge=0, description="Head epochs on local data before each "
                                  "evaluation (official FedAvg last round: 10).")
+    finetune: Literal["head", "all"] = Field(
+        "head", description="What the fine-tune trains: 'head' (body frozen, as the official FedRep "
+        "code) or 'all' (the whole global model, the other common reading of FedAvg+FT).")
 
 
 class FedAvgFTUpdate(FedAvgUpdate):
@@ -38,3 +43,8 @@ class FedAvgFTUpdate(FedAvgUpdate):
     def evaluate(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> EvalResult:
         epochs = self.options.finetune_epochs if isinstance(self.options, FedAvgFTOptions) else 10
         return self.finetune_and_evaluate(model, data, epochs, generator)
+
+    def finetune_phases(self, model: SplitModel, epochs: int) -> list[Phase]:
+        if isinstance(self.options, FedAvgFTOptions) and self.options.finetune == "all":
+            return [Phase(all_params(model), epochs)]
+        return super().finetune_phases(model, epochs)
