@@ -1,4 +1,7 @@
-"""Local-only training: every client trains its own model and nothing is communicated."""
+"""Local-only training: every client trains its own model and nothing is communicated.
+
+A client trains when the round samples it, as in every other strategy, so Local-only gets the same
+local compute budget as FedAvg (``fraction-train=1.0`` trains every client every round)."""
 
 from __future__ import annotations
 
