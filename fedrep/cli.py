@@ -175,9 +175,10 @@ def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
         raise RunFailed(f"the Flower run did not complete; see the log above and {run.path}")
 
 
-def _flwr_submit(cfg: RunConfig, app: str, connection: str) -> None:
+def _flwr_submit(cfg: RunConfig, args: argparse.Namespace) -> None:
     """Run on a deployment: submit, stream the run's log, and report how the SuperLink says it
     ended (``flwr run --stream`` exits 0 even when the ServerApp fails)."""
+    app, connection = args.app, args.superlink
     import json
 
     flwr, overrides = _flwr_command(cfg)
@@ -190,6 +191,8 @@ def _flwr_submit(cfg: RunConfig, app: str, connection: str) -> None:
                         f"{(submitted.stdout + submitted.stderr).strip()[-2000:]}") from None
     print(f"[fedrep] run {run_id} submitted to {connection}; results go to {cfg.run_dir} on the "
           "ServerApp's host (Ctrl-C stops watching; the run goes on)", file=sys.stderr, flush=True)
+    args.interrupt_hint = (f"stopped watching; run {run_id} goes on (`flwr log {run_id} {connection} "
+                           f"--stream` to watch again, `flwr stop {run_id} {connection}` to stop it)")
     subprocess.run([flwr, "log", run_id, connection, "--stream"], check=False)
     status, details = "unknown", ""
     for _ in range(60):  # the log stream can end a moment before the status is final
@@ -215,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedrep.registry import get_strategy
 
         get_strategy(cfg.strategy)  # the data lives on the nodes; they check it when queried
-        _flwr_submit(cfg, args.app, args.superlink)
+        _flwr_submit(cfg, args)
         print(f"results: {cfg.run_dir} on the ServerApp's host (compose: the fedrep-results volume)")
         return 0
     if args.client_app and args.engine != "simulation":
@@ -227,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_component(args.client_app)
     cfg = resolve_run_config(args)
     preflight(cfg)
-    args.active_run_dir = cfg.run_dir  # for the resume hint if the run is interrupted
+    args.interrupt_hint = f"continue with `fedrep run --resume {cfg.run_dir}`"
     if args.engine == "flwr":
         _flwr_run(cfg, args.app, args.verbose)
     else:
@@ -293,6 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     path = Path(args.config)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{path.stem}"
     settings = dict(parse_override(item) for item in args.set)
+    args.interrupt_hint = f"rerun `fedrep compare {args.config}` with the same options to continue"
     table = compare(path, out, [n.strip() for n in args.only.split(",")] if args.only else None,
                     settings)
     print(table.read_text())
@@ -334,12 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
     except KeyboardInterrupt:
-        if args.command == "compare":
-            hint = f"rerun `fedrep compare {args.config}` with the same options to continue"
-        elif getattr(args, "active_run_dir", None):
-            hint = f"continue with `fedrep run --resume {args.active_run_dir}`"
-        else:
-            hint = "nothing was started"
+        hint = getattr(args, "interrupt_hint", "nothing was started")  # set as a command gets going
         print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Flower's client threads may still wait on Ray actors that are gone; the interpreter
