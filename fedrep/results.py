@@ -87,6 +87,10 @@ class RunDir:
             diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
             raise ConfigError(f"cannot resume {self.path} with a different setup ({diffs}); only "
                               f"{sorted(RESUMABLE_CHANGES)} may change")
+        state = self.state()
+        if state.get("status") == "diverged":  # resuming would repeat the same arithmetic
+            raise ConfigError(f"{self.path} diverged, and a resume would diverge again in the same "
+                              f"round: {state.get('error', 'NaN/inf in the model')}")
         done = self.last_completed_round()
         if cfg.num_rounds < done:  # running it would mark fewer rounds done and drop the rest
             raise ConfigError(f"num-rounds={cfg.num_rounds}: {self.path} has already completed "

@@ -109,6 +109,8 @@ def test_a_diverged_run_stops_with_one_line_and_says_so_in_its_state(tmp_path: P
     state = RunDir(run).state()
     assert state["status"] == "diverged" and state["last-completed-round"] == 0
     assert not RunDir(run).checkpoint_path(1).exists()  # NaNs never become a checkpoint
+    again = fedrep_cli("run", "--resume", str(run), check=False)  # would diverge again: refused
+    assert again.returncode == 2 and "diverged" in again.stderr and "new run" in again.stderr
 
 
 def test_ctrl_c_stops_quickly_and_names_the_folder_to_resume(tmp_path: Path, fmnist_dir: Path):
