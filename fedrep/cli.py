@@ -330,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunFailed, RuntimeError, FloatingPointError) as err:  # started, did not complete
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        print(f"fedrep: run failed: {err} (add -v for the traceback)", file=sys.stderr)
+        more = " (add -v for the traceback)" if hasattr(args, "verbose") else ""
+        print(f"fedrep: run failed: {err}{more}", file=sys.stderr)
         if err.__cause__ is not None:
             print(f"  caused by: {type(err.__cause__).__name__}: {err.__cause__}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import subprocess
 import sys
 import time
@@ -74,6 +75,13 @@ class CompareConfig(BaseModel):
         return names
 
 
+def _check_folder_name(name: str, what: str) -> None:
+    """Labels and swept values name the run folders under --out; they must stay there."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+        raise ConfigError(f"{what} {name!r} names a run folder under --out; use letters, digits "
+                          "and _.+- (no slashes, not empty, not starting with a dot)")
+
+
 def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any] | None = None
                     ) -> tuple[CompareConfig, dict[str, RunConfig]]:
     """Parse the file and validate every strategy's full run config before anything runs
@@ -96,7 +104,17 @@ def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any
             raise ConfigError(f"comparison file {path}: [{table}] sets {ignored}; the comparison "
                               "decides them (list strategies in `strategies = [...]`, choose the "
                               "folder with --out)")
+    owned = sorted((set(spec.sweep) | set(settings or {})) & COMPARE_OWNS)
+    if owned:
+        raise ConfigError(f"comparison file {path}: --set or [sweep] sets {owned}; the comparison "
+                          "decides them (list strategies in `strategies = [...]`, choose the folder "
+                          "with --out)")
     labels = [name.partition("=")[0] for name in spec.strategies]
+    for label in labels:
+        _check_folder_name(label, f"comparison file {path}: strategy label")
+    for key, values in spec.sweep.items():
+        for value in values:
+            _check_folder_name(str(value), f"comparison file {path}: [sweep] {key} value")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"comparison file {path}: strategies {spec.strategies} use one label twice")
     unknown = set(spec.overrides) - set(labels)
@@ -123,6 +141,7 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
 
     started = time.perf_counter()
     if (run_dir / "state.json").is_file():
+        _refuse_diverged(RunDir(run_dir))
         _check_same_setup(cfg, RunDir(run_dir))
     if _completed(run_dir) and RunDir(run_dir).saved_config().num_rounds >= cfg.num_rounds:
         return 0.0
@@ -136,9 +155,22 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
         cmd += ["--set", f"run-dir={toml_value(str(run_dir))}"]
     proc = subprocess.run([sys.executable, "-m", "fedrep.cli", *cmd], check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cfg.strategy} failed (exit {proc.returncode}); rerun the same "
-                           "`fedrep compare` to resume it")
+        if (run_dir / "state.json").is_file():
+            _refuse_diverged(RunDir(run_dir))
+        raise StrategyFailed(f"{run_dir.name} failed (exit {proc.returncode}); rerun the same "
+                             "`fedrep compare` to resume it")
     return time.perf_counter() - started
+
+
+class StrategyFailed(RuntimeError):
+    """One strategy of a comparison did not finish; the others still run."""
+
+
+def _refuse_diverged(run: RunDir) -> None:
+    state = run.state()
+    if state.get("status") == "diverged":  # rerunning repeats the same arithmetic
+        raise StrategyFailed(f"{run.path.name} diverged ({state.get('error', 'NaN/inf')}); change "
+                             f"its settings and pass another --out, or delete {run.path}")
 
 
 def _check_same_setup(cfg: RunConfig, run: RunDir) -> None:
@@ -325,12 +357,19 @@ def compare(path: Path, out: Path, only: list[str] | None = None,
         _compare_at(configs, out, only)
         return out / "results.md"
     ((key, values),) = spec.sweep.items()
-    tables = {}
+    tables, failed = {}, []
     for value in values:
         _, configs = load_comparison(path, value, settings)
         print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
-        tables[str(value)] = _compare_at(configs, out / str(value), only)
+        try:
+            tables[str(value)] = _compare_at(configs, out / str(value), only)
+        except StrategyFailed as err:  # the other values still run
+            failed.append(f"{key} = {value}: {err}")
+            tables[str(value)] = {n: summarize_run(n, RunDir(out / str(value) / n)) for n in configs
+                                  if _completed(out / str(value) / n)}
     write_sweep_table(key, list(configs), tables, out)
+    if failed:
+        raise StrategyFailed(" | ".join(failed))
     return out / "results.md"
 
 
@@ -371,12 +410,17 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
                 ) -> dict[str, dict[str, Any]]:
     """Run (or resume) into ``out``, write its table and plot; the finished runs' summaries."""
     out.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in configs:
         if only and name not in only:
             continue
         run_dir = (out / name).resolve()
         print(f"[fedrep compare] {name} -> {run_dir}", file=sys.stderr, flush=True)
-        _run_one(configs[name], run_dir)
+        try:
+            _run_one(configs[name], run_dir)
+        except StrategyFailed as err:  # tabulate the others, then report
+            print(f"[fedrep compare] {err}", file=sys.stderr, flush=True)
+            failed.append(str(err))
     runs = {name: RunDir((out / name).resolve()) for name in configs
             if _completed(out / name)}
     summaries = {n: summarize_run(n, r) for n, r in runs.items()}
@@ -392,6 +436,9 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
                 writer.writeheader()
                 writer.writerows(paired)
     plot_comparison(runs, out)
+    if failed:
+        raise StrategyFailed(f"{len(failed)} strateg{'y' if len(failed) == 1 else 'ies'} did not finish "
+                             f"(the table in {out} has the others): " + "; ".join(failed))
     return summaries
 
 

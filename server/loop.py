@@ -113,12 +113,13 @@ def check_finite(server_round: int, arrays: dict[str, np.ndarray], metrics: dict
     bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
         loss = f" (train-loss {metrics['train-loss']})" if "train-loss" in metrics else ""
-        kept = (f"the run folder keeps rounds 1-{server_round - 1} for inspection" if server_round > 1
-                else "no round completed")
+        done = server_round - 1
+        kept = ("no round completed" if done == 0 else
+                f"the run folder keeps round{'s 1-' if done > 1 else ' '}{done} for inspection")
         raise FloatingPointError(
             f"round {server_round}: the aggregated model has NaN/inf in {bad[:3]}"
             f"{' and more' if len(bad) > 3 else ''}{loss}; local training diverged. Start a new run "
-            f"with a smaller lr (KD3A with batchnorm = 'mmd-loss': or a smaller mmd_weight); {kept}")
+            f"with a smaller lr (or smaller strategy step sizes, e.g. KD3A's mmd_weight); {kept}")
 
 
 def _strategy_state(strategy: Any) -> dict[str, Any]:

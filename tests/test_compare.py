@@ -28,6 +28,17 @@ def test_comparison_file_is_validated_up_front(tmp_path: Path):
             as err:
         load_comparison(bad)
     assert "\n" not in str(err.value) and "http" not in str(err.value)  # one line, no pydantic URL
+    for text in ('strategies = ["..=fedavg"]\n', 'strategies = ["a/b=fedavg"]\n',
+                 'strategies = ["fedrep"]\n[sweep]\ntarget-domain = ["/tmp/x", "y"]\n'):
+        bad.write_text(text)  # labels and swept values name folders under --out: they stay there
+        with pytest.raises(ConfigError, match="names a run folder under --out"):
+            load_comparison(bad)
+    bad.write_text('strategies = ["fedrep"]\n[sweep]\nstrategy = ["fedrep", "fedavg"]\n')
+    with pytest.raises(ConfigError, match=r"sets \['strategy'\]; the comparison decides"):
+        load_comparison(bad)
+    bad.write_text('strategies = ["fedrep"]\n')
+    with pytest.raises(ConfigError, match=r"sets \['run-dir'\]"):
+        load_comparison(bad, settings={"run-dir": "/x"})  # `fedrep compare --set run-dir=/x`
     bad.write_text('strategies = ["fedrep"]\n[config]\nstrategy = "fedavg"\n')
     with pytest.raises(ConfigError, match=r"\[config\] sets \['strategy'\]; the comparison decides"):
         load_comparison(bad)
@@ -83,6 +94,24 @@ def test_compare_runs_writes_table_and_resumes(tmp_path: Path):
     assert "| local |" in longer.stdout
     reseeded = fedrep_cli("compare", str(spec), "--out", str(out), "--set", "seed=9", check=False)
     assert reseeded.returncode == 2 and "seed: saved 1 vs given 9" in reseeded.stderr
+
+
+@pytest.mark.e2e
+def test_a_diverged_strategy_is_reported_and_the_others_still_run(tmp_path: Path):
+    spec = tmp_path / "div.toml"
+    spec.write_text(
+        'strategies = ["fedavg", "local"]\n[config]\n'
+        'dataset = "linear-synthetic"\nmodel = "linear"\nnum-clients = 4\nfraction-train = 1.0\n'
+        'num-rounds = 2\nmomentum = 0.0\nfinal-finetune-epochs = 0\n[overrides.fedavg]\nlr = 1e30\n')
+    out = tmp_path / "cmp"
+    first = fedrep_cli("compare", str(spec), "--out", str(out), check=False, timeout=300)
+    assert first.returncode == 1 and "Traceback" not in first.stderr
+    assert "fedavg diverged" in first.stderr and "another --out" in first.stderr
+    assert "-v" not in first.stderr.splitlines()[-1]  # compare has no -v to suggest
+    assert "| local |" in (out / "results.md").read_text()  # the other strategy ran and is tabulated
+    again = fedrep_cli("compare", str(spec), "--out", str(out), check=False, timeout=300)
+    assert again.returncode == 1 and "fedavg diverged" in again.stderr
+    assert "setup changed" not in again.stderr  # it did not; the run diverged
 
 
 def test_sweep_runs_every_strategy_per_value_and_pivots_the_headline(tmp_path: Path):
