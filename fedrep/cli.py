@@ -141,6 +141,12 @@ def preflight(cfg: RunConfig) -> None:
         from fedrep.data.federated import DataKey, partitions
 
         partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
+    # last, so that a run refused above leaves no empty folder behind
+    try:  # the ServerApp creates it; a bad path would fail there, after Ray started
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"run-dir {cfg.run_dir}: cannot create the run folder ({err.strerror}); "
+                          "choose a writable place with --out DIR or --set run-dir=DIR") from None
 
 
 def _flwr_command(cfg: RunConfig) -> tuple[str, list[str]]:
@@ -229,6 +235,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_component(args.client_app)
     cfg = resolve_run_config(args)
+    if cfg.resume and _already_done(cfg):
+        return 0
     preflight(cfg)
     args.interrupt_hint = f"continue with `fedrep run --resume {cfg.run_dir}`"
     if args.engine == "flwr":
@@ -245,14 +253,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_done(cfg: RunConfig) -> bool:
+    """A resume of a finished run with nothing to add: say so instead of starting Ray."""
+    from fedrep.results import RunDir
+
+    run = RunDir(cfg.run_dir)
+    state = run.state()
+    if state.get("status") != "completed" or cfg.num_rounds > run.last_completed_round():
+        return False
+    print(f"[fedrep] {run.path} already completed its {cfg.num_rounds} rounds; nothing to do "
+          "(--rounds N extends it)", file=sys.stderr)
+    print(f"results: {run.path}")
+    return True
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from fedrep.plotting import plot_run
     from fedrep.results import RunDir
 
     RunDir.open(args.run_dir)
+    out = None
     if args.out:
-        _check_image_path(Path(args.out))
-    print(plot_run(args.run_dir, args.out))
+        out = Path(args.out) / "plot.png" if Path(args.out).is_dir() else Path(args.out)
+        _check_image_path(out)
+    print(plot_run(args.run_dir, out))
     return 0
 
 
@@ -266,7 +290,10 @@ def _check_image_path(out: Path) -> None:
         raise ConfigError(f"--out {out}: {'.' + suffix if suffix else 'no suffix'} is not an image "
                           f"format matplotlib writes; end the name in one of "
                           f"{', '.join('.' + f for f in sorted(formats))}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create {out.parent} ({err.strerror})") from None
 
 
 def cmd_strategies(_: argparse.Namespace) -> int:
@@ -338,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `fedrep config | head`
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+    except OSError as err:  # a file the command had to read or write
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fedrep: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = getattr(args, "interrupt_hint", "nothing was started")  # set as a command gets going
         print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)

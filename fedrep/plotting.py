@@ -17,7 +17,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = RunDir(run_dir)
     rows = run.read_metrics()
     if not rows:
-        raise ConfigError(f"{run.path} has no completed rounds to plot yet; wait for round 1")
+        status = run.state().get("status") if run.state_file.is_file() else None
+        if status == "running":
+            raise ConfigError(f"{run.path} has no completed rounds to plot yet; wait for round 1")
+        raise ConfigError(f"{run.path} has no completed rounds to plot (status: {status})")
     cfg = run.saved_config()
     evald = [r for r in rows if "accuracy-mean" in r]
     has_dist = any("representation-distance" in r for r in rows)

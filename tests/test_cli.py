@@ -83,3 +83,24 @@ def test_config_lists_every_key_with_default():
     out = fedrep_cli("config").stdout
     assert all(f"{key} " in out for key in allowed_keys())
     assert "head-epochs" in out and "official local_ep 11 - 1" in out
+
+
+def test_an_unusable_run_folder_is_refused_before_ray_starts(tmp_path: Path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err = _fails("run", "--set", f"run-dir={a_file}")
+    assert f"run-dir {a_file}: cannot create the run folder" in err and "--out DIR" in err
+    err = _fails("run", "--out", str(a_file))  # a new run folder would go inside a file
+    assert "cannot create the run folder (Not a directory)" in err
+
+
+def test_resuming_a_finished_run_does_not_start_anything(tmp_path: Path):
+    from fedrep.config import RunConfig
+    from fedrep.results import RunDir
+
+    cfg = RunConfig(dataset="linear-synthetic", model="linear", num_clients=4, num_rounds=3)
+    run, _ = RunDir.create(cfg.model_copy(update={"run_dir": str(tmp_path / "done")}))
+    run.write_state(3, "completed")
+    proc = fedrep_cli("run", "--resume", str(run.path), timeout=60)
+    assert "already completed its 3 rounds; nothing to do" in proc.stderr
+    assert "Ray" not in proc.stderr and f"results: {run.path}" in proc.stdout

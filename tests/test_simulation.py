@@ -102,6 +102,10 @@ def test_plot_command_redraws(fedrep_run: RunDir, tmp_path: Path):
     target = tmp_path / "new-folder" / "again.pdf"  # a folder that does not exist yet, a PDF
     proc = fedrep_cli("plot", str(fedrep_run.path), "--out", str(target))
     assert target.is_file() and target.read_bytes().startswith(b"%PDF") and str(target) in proc.stdout
+    folder = tmp_path / "plots"  # an existing folder: plot.png inside it
+    folder.mkdir()
+    assert str(folder / "plot.png") in fedrep_cli("plot", str(fedrep_run.path), "--out", str(folder)).stdout
+    assert (folder / "plot.png").is_file()
     bad = fedrep_cli("plot", str(fedrep_run.path), "--out", str(tmp_path / "x.pnj"), check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert ".pnj is not an image format" in bad.stderr and ".png" in bad.stderr
