@@ -100,7 +100,8 @@ class RunConfig(BaseModel):
     """Everything one federated run needs. Field aliases are the run-config keys."""
 
     model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True,
+        allow_inf_nan=False,  # lr = inf would only diverge later
     )
 
     # --- what to run -----------------------------------------------------------------------

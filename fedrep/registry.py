@@ -73,12 +73,21 @@ class StrategyPlugin:
                              f"'{{mu = 0.01}}': {err}") from None
         if not isinstance(values, dict):
             raise ValueError(f"strategy-options {text!r} must be an inline table like '{{mu = 0.01}}'")
+        allowed = ", ".join(self.options.model_fields) or "none"
+        for key, value in values.items():  # pydantic would read true as 1 and "0.5" as 0.5
+            field = self.options.model_fields.get(key)
+            wants = field.annotation if field is not None else None
+            if (isinstance(value, bool) != (wants is bool) and wants in (bool, int, float)) or (
+                    isinstance(value, str) and wants in (int, float)):
+                raise ValueError(f"strategy-options.{key} = {value!r}: expected "
+                                 f"{getattr(wants, '__name__', wants)}, not "
+                                 f"{type(value).__name__} (options of {self.name!r}: {allowed})")
         try:
             return self.options.model_validate(values)
         except ValidationError as err:
-            allowed = ", ".join(self.options.model_fields) or "none"
             problems = "; ".join(
-                f"strategy-options.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                f"strategy-options{''.join('.' + str(p) for p in e['loc'])}: "
+                f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
             raise ValueError(f"{problems} (options of {self.name!r}: {allowed})") from None
 
     def client_rule(self, cfg: RunConfig) -> ClientUpdateRule:

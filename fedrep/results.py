@@ -42,6 +42,16 @@ RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir",
                      "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs"}
 
 
+def _same_options(cfg: RunConfig, saved: str, given: str) -> bool:
+    from fedrep.registry import get_strategy
+
+    plugin = get_strategy(cfg.strategy)
+    try:
+        return plugin.parse_options(saved) == plugin.parse_options(given)
+    except ValueError:
+        return False
+
+
 def new_run_name(cfg: RunConfig) -> str:
     """Time-stamped and unique: two runs started in the same second get different folders."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -83,6 +93,9 @@ class RunDir:
         """Refuse to continue this run under a different setup (it would not be one run)."""
         saved, given = self.saved_config().to_flower(), cfg.to_flower()
         changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != given[k])
+        if "strategy-options" in changed and _same_options(cfg, saved["strategy-options"],
+                                                           given["strategy-options"]):
+            changed.remove("strategy-options")  # the same table, written differently
         if changed:
             diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
             raise ConfigError(f"cannot resume {self.path} with a different setup ({diffs}); only "
@@ -94,7 +107,7 @@ class RunDir:
         done = self.last_completed_round()
         if cfg.num_rounds < done:  # running it would mark fewer rounds done and drop the rest
             raise ConfigError(f"num-rounds={cfg.num_rounds}: {self.path} has already completed "
-                              f"{done} rounds; ask for {done} or more (--rounds {done})")
+                              f"{done} rounds; set num-rounds to {done} or more")
 
     def write_config(self, cfg: RunConfig) -> None:
         """Rewritten on every resume, so config.json says what the run is now: a later ``--resume``

@@ -105,3 +105,30 @@ def test_experiment_file_errors(tmp_path: Path):
     nested.write_text("[fedrep]\nnum-rounds = 3\n")
     with pytest.raises(ConfigError, match="flat keys"):
         load_experiment_file(nested)
+
+
+def test_strategy_options_are_typed_strictly_and_named():
+    bad = {'{personal_batchnorm = "yes"}': "personal_batchnorm = 'yes': expected bool, not str",
+           "{personal_batchnorm = 1}": "personal_batchnorm = 1: expected bool, not int",
+           "{personal = []}": "strategy-options: nothing is personal"}
+    for options, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            parse_run_config({"strategy": "split", "strategy-options": options})
+    with pytest.raises(ConfigError, match="mu = '0.5': expected float, not str"):
+        parse_run_config({"strategy": "fedprox", "strategy-options": '{mu = "0.5"}'})
+    assert parse_run_config({"strategy": "fedprox", "strategy-options": "{mu = 1}"})  # int for float
+    with pytest.raises(ConfigError, match="'lr' = inf: Input should be a finite number"):
+        parse_run_config({"lr": float("inf")})
+
+
+def test_resume_compares_strategy_options_as_tables_not_text(tmp_path: Path):
+    from fedrep.results import RunDir
+
+    first = parse_run_config({"strategy": "split", "model": "cnn-bn", "run-dir": str(tmp_path / "r"),
+                              "strategy-options": "{personal = [], personal_batchnorm = true}"})
+    run, _ = RunDir.create(first)
+    same = first.model_copy(update={"strategy_options": "{personal_batchnorm=true,personal=[ ]}"})
+    run.check_resumable_with(same)  # reordered and respaced: the same options
+    other = first.model_copy(update={"strategy_options": '{personal = ["head"]}'})
+    with pytest.raises(ConfigError, match="strategy-options: saved"):
+        run.check_resumable_with(other)
