@@ -344,6 +344,19 @@ def cmd_config(_: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:  # outermost: Ctrl-C while torch is still importing is covered too
+        hint = getattr(args, "interrupt_hint", "nothing was started")  # set as a command gets going
+        print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Flower's client threads may still wait on Ray actors that are gone; the interpreter
+        # would join them at exit and hang. Everything worth keeping is already on disk.
+        os._exit(130)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; expected failures become one line and an exit code."""
     handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies,
                 "config": cmd_config, "compare": cmd_compare}
     from fedrep.data.fashion_mnist import DataError
@@ -369,13 +382,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"fedrep: error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        hint = getattr(args, "interrupt_hint", "nothing was started")  # set as a command gets going
-        print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Flower's client threads may still wait on Ray actors that are gone; the interpreter
-        # would join them at exit and hang. Everything worth keeping is already on disk.
-        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,7 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     print(start_ray(cfg, verbose), file=sys.stderr, flush=True)
     import ray
 
+    previous = _quiet_on_interrupt()
     try:
         _run_simulation(
             num_supernodes=cfg.num_clients,
@@ -220,11 +223,23 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
             verbose_logging=verbose,
             is_app=True,
         )
-    except KeyboardInterrupt:
-        # Stopping on purpose: Flower's client threads now log every actor Ray tears down as an
-        # error, pages of noise over the one line that says how to resume.
-        logging.getLogger("flwr").disabled = True
-        raise
     finally:
         ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _quiet_on_interrupt() -> Any:
+    """On Ctrl-C, silence Flower's logger *before* the KeyboardInterrupt unwinds: Flower's own
+    clean-up shuts Ray down on the way out, and its client threads then log every actor that
+    dies as an error, pages of noise over the one line that says how to resume. Returns the
+    previous handler (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupted(signum: int, frame: Any) -> None:
+        logging.getLogger("flwr").disabled = True
+        signal.default_int_handler(signum, frame)
+
+    return signal.signal(signal.SIGINT, interrupted)
 
