@@ -16,6 +16,7 @@ A bad key or value fails *at start*, with the key's name, what was given and wha
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -262,9 +263,7 @@ class RunConfig(BaseModel):
     def _options_as_text(cls, value: Any) -> Any:
         """Flower run configs hold scalars only, so a table given as a dict (TOML file, --set)
         travels as its inline-table text."""
-        if isinstance(value, dict):
-            return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-        return value
+        return toml_value(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _options_valid(self) -> RunConfig:
@@ -336,6 +335,10 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; keys quoted unless TOML allows them bare
+        keys = [k if re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) else toml_value(str(k)) for k in value]
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in zip(keys, value.values(),
+                                                                       strict=True)) + "}"
     return repr(value)
 
 

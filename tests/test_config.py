@@ -132,3 +132,12 @@ def test_resume_compares_strategy_options_as_tables_not_text(tmp_path: Path):
     other = first.model_copy(update={"strategy_options": '{personal = ["head"]}'})
     with pytest.raises(ConfigError, match="strategy-options: saved"):
         run.check_resumable_with(other)
+
+
+def test_toml_value_round_trips_tables_with_any_key():
+    from fedrep.config import toml_value
+
+    value = {"mu": 0.5, "my key": [1, "x"], "nested": {"on": True}}
+    assert tomllib.loads(f"v = {toml_value(value)}")["v"] == value
+    with pytest.raises(ConfigError, match="strategy-options.nested: Extra inputs"):  # not a TOML error
+        parse_run_config({"strategy": "fedprox", "strategy-options": {"nested": {"a": 1}}})
