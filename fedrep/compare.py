@@ -98,17 +98,14 @@ def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: "
                              f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
         raise ConfigError(f"comparison file {path}: {problems}") from None
-    for table, keys in [("config", spec.config), *((f"overrides.{k}", v) for k, v in spec.overrides.items())]:
-        ignored = sorted(set(keys) & COMPARE_OWNS)
-        if ignored:  # the comparison decides these; a silently ignored key misleads
-            raise ConfigError(f"comparison file {path}: [{table}] sets {ignored}; the comparison "
-                              "decides them (list strategies in `strategies = [...]`, choose the "
-                              "folder with --out)")
-    owned = sorted((set(spec.sweep) | set(settings or {})) & COMPARE_OWNS)
-    if owned:
-        raise ConfigError(f"comparison file {path}: --set or [sweep] sets {owned}; the comparison "
-                          "decides them (list strategies in `strategies = [...]`, choose the folder "
-                          "with --out)")
+    sources = [("[config]", spec.config), ("[sweep]", spec.sweep), ("--set", settings or {}),
+               *((f"[overrides.{k}]", v) for k, v in spec.overrides.items())]
+    for where, keys in sources:
+        owned = sorted(set(keys) & COMPARE_OWNS)
+        if owned:  # the comparison decides these; a silently ignored key misleads
+            raise ConfigError(f"comparison file {path}: {where} sets {owned}; the comparison decides "
+                              "them (list strategies in `strategies = [...]`, choose the folder "
+                              "with --out)")
     labels = [name.partition("=")[0] for name in spec.strategies]
     for label in labels:
         _check_folder_name(label, f"comparison file {path}: strategy label")
@@ -157,8 +154,8 @@ def _run_one(cfg: RunConfig, run_dir: Path) -> float:
     if proc.returncode != 0:
         if (run_dir / "state.json").is_file():
             _refuse_diverged(RunDir(run_dir))
-        raise StrategyFailed(f"{run_dir.name} failed (exit {proc.returncode}); rerun the same "
-                             "`fedrep compare` to resume it")
+        raise StrategyFailed(f"{run_dir.name} failed (exit {proc.returncode}; {run_dir}); rerun the "
+                             "same `fedrep compare` to resume it")
     return time.perf_counter() - started
 
 
@@ -353,23 +350,20 @@ def compare(path: Path, out: Path, only: list[str] | None = None,
         unknown = sorted(set(only) - set(configs))
         if unknown:
             raise ConfigError(f"--only {unknown}: not in the strategies of {path} ({list(configs)})")
+    failed: list[str] = []  # a failed strategy does not stop the others; reported at the end
     if not spec.sweep:
-        _compare_at(configs, out, only)
-        return out / "results.md"
-    ((key, values),) = spec.sweep.items()
-    tables, failed = {}, []
-    for value in values:
-        _, configs = load_comparison(path, value, settings)
-        print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
-        try:
-            tables[str(value)] = _compare_at(configs, out / str(value), only)
-        except StrategyFailed as err:  # the other values still run
-            failed.append(f"{key} = {value}: {err}")
-            tables[str(value)] = {n: summarize_run(n, RunDir(out / str(value) / n)) for n in configs
-                                  if _completed(out / str(value) / n)}
-    write_sweep_table(key, list(configs), tables, out)
+        _compare_at(configs, out, only, failed)
+    else:
+        ((key, values),) = spec.sweep.items()
+        tables = {}
+        for value in values:
+            _, configs = load_comparison(path, value, settings)
+            print(f"[fedrep compare] {key} = {value}", file=sys.stderr, flush=True)
+            tables[str(value)] = _compare_at(configs, out / str(value), only, failed)
+        write_sweep_table(key, list(configs), tables, out)
     if failed:
-        raise StrategyFailed(" | ".join(failed))
+        raise StrategyFailed(f"{len(failed)} run{'s' if len(failed) > 1 else ''} did not finish (the "
+                             f"tables in {out} have the others): " + "; ".join(failed))
     return out / "results.md"
 
 
@@ -406,11 +400,11 @@ def write_sweep_table(key: str, labels: list[str], tables: dict[str, dict[str, d
         writer.writerows(records)
 
 
-def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
-                ) -> dict[str, dict[str, Any]]:
-    """Run (or resume) into ``out``, write its table and plot; the finished runs' summaries."""
+def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None,
+                failed: list[str]) -> dict[str, dict[str, Any]]:
+    """Run (or resume) into ``out``, write its table and plot; the finished runs' summaries.
+    A strategy that does not finish is appended to ``failed``; the others still run."""
     out.mkdir(parents=True, exist_ok=True)
-    failed = []
     for name in configs:
         if only and name not in only:
             continue
@@ -436,9 +430,6 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
                 writer.writeheader()
                 writer.writerows(paired)
     plot_comparison(runs, out)
-    if failed:
-        raise StrategyFailed(f"{len(failed)} strateg{'y' if len(failed) == 1 else 'ies'} did not finish "
-                             f"(the table in {out} has the others): " + "; ".join(failed))
     return summaries
 
 
