@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
 from fedrep.algorithms.base import ClientUpdateRule, all_params
-from fedrep.algorithms.training import Phase
+from fedrep.algorithms.training import Phase, batchnorm_layers
 from fedrep.models.base import SplitModel
 
 
@@ -65,8 +64,7 @@ class SplitUpdate(ClientUpdateRule):
             raise ValueError(f"strategy-options.personal: prefixes {unknown} match no parameter; "
                              f"parameters are {keys}")
         if self.options.personal_batchnorm:
-            norms = tuple(name for name, m in model.named_modules()
-                          if isinstance(m, nn.modules.batchnorm._BatchNorm))
+            norms = batchnorm_layers(model)
             if not norms:
                 raise ValueError(f"strategy-options.personal_batchnorm: model {self.cfg.model!r} has "
                                  "no BatchNorm layer; use model cnn-bn")

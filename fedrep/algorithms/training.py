@@ -88,10 +88,16 @@ def _head_only(model: SplitModel, trainable: frozenset[str]) -> bool:
     return bool(trainable) and trainable <= head
 
 
+def batchnorm_layers(model: nn.Module) -> tuple[str, ...]:
+    """Module names of every BatchNorm layer (1d, 2d, 3d, sync), in model order."""
+    return tuple(name for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
 def min_batch_size(model: nn.Module) -> int:
     """BatchNorm cannot normalise a batch of one sample in training mode, so a model with any
     BatchNorm layer trains on batches of at least two."""
-    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    return 2 if batchnorm_layers(model) else 1
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
