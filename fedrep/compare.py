@@ -164,10 +164,10 @@ class StrategyFailed(RuntimeError):
 
 
 def _refuse_diverged(run: RunDir) -> None:
-    state = run.state()
-    if state.get("status") == "diverged":  # rerunning repeats the same arithmetic
-        raise StrategyFailed(f"{run.path.name} diverged ({state.get('error', 'NaN/inf')}); change "
-                             f"its settings and pass another --out, or delete {run.path}")
+    diverged = run.divergence()
+    if diverged is not None:
+        raise StrategyFailed(f"{run.path.name} diverged ({diverged}); change its settings and pass "
+                             f"another --out, or delete {run.path}")
 
 
 def _check_same_setup(cfg: RunConfig, run: RunDir) -> None:

@@ -100,10 +100,10 @@ class RunDir:
             diffs = ", ".join(f"{k}: saved {saved[k]!r} vs given {given[k]!r}" for k in changed)
             raise ConfigError(f"cannot resume {self.path} with a different setup ({diffs}); only "
                               f"{sorted(RESUMABLE_CHANGES)} may change")
-        state = self.state()
-        if state.get("status") == "diverged":  # resuming would repeat the same arithmetic
+        diverged = self.divergence()
+        if diverged is not None:
             raise ConfigError(f"{self.path} diverged, and a resume would diverge again in the same "
-                              f"round: {state.get('error', 'NaN/inf in the model')}")
+                              f"round: {diverged}")
         done = self.last_completed_round()
         if cfg.num_rounds < done:  # running it would mark fewer rounds done and drop the rest
             raise ConfigError(f"num-rounds={cfg.num_rounds}: {self.path} has already completed "
@@ -125,6 +125,12 @@ class RunDir:
 
     def state(self) -> dict[str, Any]:
         return json.loads(self.state_file.read_text())
+
+    def divergence(self) -> str | None:
+        """The error of a run that stopped on NaN/inf, else None. Resuming it would repeat the
+        same arithmetic, so neither ``run --resume`` nor ``compare`` continues it."""
+        state = self.state()
+        return state.get("error", "NaN/inf in the model") if state.get("status") == "diverged" else None
 
     def last_completed_round(self) -> int:
         return int(self.state()["last-completed-round"])
