@@ -22,11 +22,13 @@ from fedrep.data.federated import ClientData, load_client_data
 from fedrep.models import build_model
 from fedrep.models.base import SplitModel
 from fedrep.registry import client_actions, get_strategy
+from fedrep.results import HeadFileDamaged, run_folder_failure
 
 app = ClientApp()
 # Reported in every reply so the server can tell trained clients from untouched ones.
 # "none": the strategy keeps nothing personal (FedAvg, FedProx), so there was nothing to restore.
-RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2, "none": 3}
+# "restarted": its state file was damaged and on-damaged-head = "restart" gave it a fresh head.
+RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2, "none": 3, "restarted": 4}
 
 
 def _frozen(run_config: dict) -> tuple:
@@ -107,7 +109,12 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     if not personal_keys:  # no state file to read (or, in _keep_personal, to write and fsync)
         personal, source = {}, "none"
     else:
-        personal, source = load_personal(context, run_dir, pid, newest_allowed)
+        try:
+            personal, source = load_personal(context, run_dir, pid, newest_allowed,
+                                             {k: initial[k] for k in personal_keys},
+                                             restart_damaged=cfg.on_damaged_head == "restart")
+        except HeadFileDamaged as err:
+            raise run_folder_failure(f"partition {pid}: its head file {err.file} {err.reason}") from None
     if personal is None:
         personal = {k: initial[k] for k in personal_keys}
     model.load_state_dict({**shared, **personal})
@@ -118,8 +125,12 @@ def _keep_personal(job: Job, context: Context) -> dict:
     """Store the personal part after a local update; the full state dict, for the reply."""
     state = job.model.state_dict()
     if job.personal_keys:
-        save_personal(context, job.run_dir, job.partition, job.server_round,
-                      {k: state[k] for k in job.personal_keys})
+        try:
+            save_personal(context, job.run_dir, job.partition, job.server_round,
+                          {k: state[k] for k in job.personal_keys})
+        except OSError as err:  # a full disk, a lost mount: the round must not count
+            raise run_folder_failure(f"partition {job.partition}: cannot write its head file "
+                                     f"{err.filename or ''} ({err.strerror or err})") from None
     return state
 
 

@@ -25,10 +25,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from fedrep.files import atomic_write, torch_bytes
-from fedrep.results import CLIENT_STATE, client_state_file
+from fedrep.results import (
+    CLIENT_STATE,
+    KEEP_HEAD_VERSIONS,
+    HeadFileDamaged,
+    client_state_file,
+    read_head_versions,
+)
 
 HEAD_RECORD, META_RECORD = "personal", "personal-meta"
-KEEP_VERSIONS = 2
 
 Params = dict[str, torch.Tensor]
 
@@ -41,24 +46,40 @@ def state_root(context: Context, run_dir: str) -> Path:
     return Path(run_dir) / CLIENT_STATE
 
 
-def read_versions(path: Path) -> dict[int, Params]:
-    if not path.is_file():
-        return {}
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_personal(context: Context, run_dir: str, partition: int, server_round: int
-                  ) -> tuple[Params | None, str]:
+def load_personal(context: Context, run_dir: str, partition: int, server_round: int,
+                  expected: Params, restart_damaged: bool = False) -> tuple[Params | None, str]:
     """(params, where-from) of the newest version produced before ``server_round``;
-    (None, "fresh") on first contact."""
+    (None, "fresh") on first contact.
+
+    A state file that does not load, or holds other names or shapes than ``expected``, raises
+    :class:`HeadFileDamaged`, unless ``restart_damaged``: then (None, "restarted"), and the next
+    save replaces the file."""
     meta = context.state.config_records.get(META_RECORD)
     if meta is not None and int(meta["round"]) < server_round and HEAD_RECORD in context.state:
         return dict(context.state.array_records[HEAD_RECORD].to_torch_state_dict()), "node-state"
-    versions = read_versions(client_state_file(state_root(context, run_dir), partition))
+    path = client_state_file(state_root(context, run_dir), partition)
+    try:
+        versions = read_head_versions(path)
+        for version in versions.values():
+            _check_matches(path, version, expected)
+    except HeadFileDamaged:
+        if restart_damaged:
+            return None, "restarted"
+        raise
     earlier = [r for r in versions if r < server_round]
     if earlier:
         return versions[max(earlier)], "file"
     return None, "fresh"
+
+
+def _check_matches(path: Path, version: Params, expected: Params) -> None:
+    if sorted(version) != sorted(expected):
+        raise HeadFileDamaged(path, f"holds {sorted(version)[:3]}, not this model's personal "
+                                    f"parameters {sorted(expected)[:3]}")
+    for name, tensor in version.items():
+        if tensor.shape != expected[name].shape:
+            raise HeadFileDamaged(path, f"holds {name} of shape {tuple(tensor.shape)}, the model's "
+                                        f"is {tuple(expected[name].shape)}")
 
 
 def keeps_node_state(context: Context) -> bool:
@@ -73,8 +94,11 @@ def save_personal(context: Context, run_dir: str, partition: int, server_round: 
         context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
         context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
     path = client_state_file(state_root(context, run_dir), partition)
-    versions = read_versions(path)
+    try:
+        versions = read_head_versions(path)
+    except HeadFileDamaged:  # only reached under on-damaged-head = "restart": replace the file
+        versions = {}
     versions[server_round] = params
-    for old in sorted(versions)[:-KEEP_VERSIONS]:
+    for old in sorted(versions)[:-KEEP_HEAD_VERSIONS]:
         del versions[old]
     atomic_write(path, torch_bytes(versions))

@@ -26,12 +26,12 @@ import sys
 import numpy as np
 import torch
 
-from clients.state import read_versions
 from fedrep.algorithms.training import FINETUNE, round_generator
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
 from fedrep.registry import get_strategy
 from fedrep.results import CLIENT_STATE, RunDir, client_state_file
+from fedrep.results import read_head_versions as read_versions
 
 
 def head_init_accuracies(run: RunDir, epochs: int) -> list[tuple[int, float, float]]:

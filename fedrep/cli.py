@@ -27,6 +27,7 @@ from fedrep.config import (
     parse_override,
     parse_run_config,
 )
+from fedrep.interrupts import Terminated, stop_on_sigterm
 
 FLAG_KEYS = {
     "strategy": "strategy",
@@ -43,6 +44,21 @@ FLAG_KEYS = {
 
 class RunFailed(RuntimeError):
     """The federation ran but did not complete."""
+
+
+
+def prefer_installed_packages() -> None:
+    """Import the app's own packages (``fedrep``, ``server``, ``clients``) from where fedrep is
+    installed, never from the working directory: ``python -m`` puts the working directory first
+    on ``sys.path``, and a ``clients.py`` or ``clients/`` there would replace the ClientApp package
+    (in this process, and in the Ray workers, which inherit this ``sys.path``). The working
+    directory stays on the path, after the install, for ``--client-app`` modules of one's own."""
+    import fedrep
+
+    root = str(Path(fedrep.__file__).resolve().parent.parent)
+    cwd = os.getcwd()
+    rest = [p for p in sys.path if p not in ("", cwd, root)]
+    sys.path[:] = [root, *rest, cwd]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any run-config key, e.g. --set head-epochs=5 (repeatable)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    run.add_argument("--from-round", type=int, metavar="N",
+                     help="with --resume: continue from round N's checkpoint, dropping later rounds "
+                          "(e.g. when the newest checkpoint is damaged)")
+    run.add_argument("--restart-damaged-heads", action="store_true",
+                     help="a client whose head file cannot be read starts from a fresh head (an "
+                          "event in events.jsonl) instead of stopping the run; sets "
+                          "on-damaged-head=restart")
     run.add_argument("--engine", choices=("simulation", "flwr"), default="simulation",
                      help="'simulation': Flower's Simulation Runtime in this process (default); "
                           "'flwr': drive `flwr run` against a local SuperLink")
@@ -99,6 +122,7 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
 
     ``local=False`` (a deployed SuperLink): the run folder is a path on the ServerApp's host,
     kept relative so that it lands under the executor's working folder (its results volume)."""
+    from fedrep import runlock
     from fedrep.results import RunDir, new_run_name
 
     values: dict[str, Any] = {}
@@ -112,9 +136,13 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
     for item in args.set:
         key, value = parse_override(item)
         values[key] = value
+    if getattr(args, "restart_damaged_heads", False):
+        values["on-damaged-head"] = "restart"
     if args.resume:
         values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
     cfg = parse_run_config(values, "fedrep run configuration")
+    if cfg.run_dir and Path(cfg.run_dir).is_dir():
+        runlock.check_free(cfg.run_dir)  # name the process that holds it, whatever else is wrong
     if not args.resume and cfg.run_dir and (Path(cfg.run_dir) / "state.json").exists():
         raise ConfigError(f"run-dir {cfg.run_dir} already holds a run; resume it with "
                           f"`fedrep run --resume {cfg.run_dir}` or choose another run-dir")
@@ -141,12 +169,62 @@ def preflight(cfg: RunConfig) -> None:
         from fedrep.data.federated import DataKey, partitions
 
         partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
+    check_path_lengths(cfg)
+    if cfg.resume:
+        check_resumable_files(cfg)
     # last, so that a run refused above leaves no empty folder behind
     try:  # the ServerApp creates it; a bad path would fail there, after Ray started
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"run-dir {cfg.run_dir}: cannot create the run folder ({err.strerror}); "
                           "choose a writable place with --out DIR or --set run-dir=DIR") from None
+
+
+def check_path_lengths(cfg: RunConfig) -> None:
+    """Refuse a run-dir whose files the OS would refuse (each client's head file would fail to
+    save, after Ray started): the longest path written inside it, and each folder name."""
+    from fedrep.files import TEMP_SUFFIX_LEN
+    from fedrep.results import CLIENT_STATE, client_state_file
+
+    run_dir = Path(cfg.run_dir).absolute()
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
+    for part in run_dir.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"run-dir: the folder name {part[:40]}... is {len(os.fsencode(part))} bytes; "
+                              f"this file system takes at most {name_max}. Choose a shorter run-dir or --out")
+    head = client_state_file(run_dir / CLIENT_STATE, max(cfg.num_clients - 1, 0))
+    longest = len(os.fsencode(head)) + TEMP_SUFFIX_LEN
+    if longest >= path_max:
+        raise ConfigError(f"run-dir is {len(os.fsencode(run_dir))} bytes long; the files inside it would "
+                          f"reach {longest}, and the OS takes paths of at most {path_max - 1}. Choose a "
+                          "shorter run-dir or --out")
+
+
+def check_resumable_files(cfg: RunConfig) -> None:
+    """Before Ray starts: the checkpoint a resume starts from, and (simulation) every client's
+    head file, load. A damaged one is named with the user's choices."""
+    from fedrep.results import CLIENT_STATE, HeadFileDamaged, RunDir, read_head_versions
+
+    run = RunDir(cfg.run_dir)
+    last = run.last_completed_round()
+    if last > 0:
+        run.load_checkpoint(last)
+    if cfg.on_damaged_head == "restart":
+        return
+    damaged = []
+    for path in sorted((run.path / CLIENT_STATE).glob("partition-*.pt")):
+        try:
+            read_head_versions(path)
+        except HeadFileDamaged as err:
+            damaged.append(err)
+    if damaged:
+        many = len(damaged) > 1
+        raise ConfigError(
+            f"{len(damaged)} client head file{'s' * many} cannot be read: {damaged[0]}"
+            f"{' (and more)' if many else ''}. Restore {'them' if many else 'it'}, or add "
+            f"--restart-damaged-heads to start {'those clients' if many else 'that client'} from a "
+            "fresh head (an event in events.jsonl)")
 
 
 def _flwr_command(cfg: RunConfig) -> tuple[str, list[str]]:
@@ -234,16 +312,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedrep.simulation import check_component
 
         check_component(args.client_app)
+    if args.from_round is not None and not args.resume:
+        raise ConfigError("--from-round needs --resume RUN_DIR")
     cfg = resolve_run_config(args)
+    from fedrep import runlock
+
+    if cfg.resume and args.engine == "simulation":
+        runlock.acquire(cfg.run_dir)  # held until this process exits; the ServerApp re-enters it
+    if args.from_round is not None:
+        from fedrep.results import RunDir
+
+        with runlock.holding(cfg.run_dir):
+            RunDir(cfg.run_dir).roll_back(args.from_round)
     if cfg.resume and _already_done(cfg):
         return 0
     preflight(cfg)
     args.interrupt_hint = f"continue with `fedrep run --resume {cfg.run_dir}`"
     if args.engine == "flwr":
+        runlock.check_free(cfg.run_dir)  # the ServerApp, another process, takes it
         _flwr_run(cfg, args.app, args.verbose)
     else:
         from fedrep.simulation import CLIENT_APP, simulate
 
+        if not runlock.holds(cfg.run_dir):
+            runlock.acquire(cfg.run_dir)  # held until this process exits
         with tempfile.TemporaryDirectory(prefix="fedrep-app-") as app_dir:
             simulate(cfg, Path(app_dir), verbose=args.verbose,
                      client_app=args.client_app or CLIENT_APP)
@@ -343,16 +435,30 @@ def cmd_config(_: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_installed_packages()
+    stop_on_sigterm()
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
-    except KeyboardInterrupt:  # outermost: Ctrl-C while torch is still importing is covered too
+        code = _dispatch(args)
+        _release_run_locks()
+        return code
+    except KeyboardInterrupt as stop:  # outermost: Ctrl-C while torch is still importing is covered too
         hint = getattr(args, "interrupt_hint", "nothing was started")  # set as a command gets going
-        print(f"fedrep: interrupted; {hint}", file=sys.stderr, flush=True)
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        print(f"fedrep: {how}; {hint}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        _release_run_locks()
         # Flower's client threads may still wait on Ray actors that are gone; the interpreter
         # would join them at exit and hang. Everything worth keeping is already on disk.
-        os._exit(130)
+        os._exit(code)
+
+
+def _release_run_locks() -> None:
+    """Release the run folders this process holds, so that the next run does not report taking
+    over a lock (the kernel would drop them at exit anyway)."""
+    runlock = sys.modules.get("fedrep.runlock")
+    if runlock is not None:
+        runlock.release_all()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -380,7 +486,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     except OSError as err:  # a file the command had to read or write
         where = f": {err.filename}" if err.filename else ""
-        print(f"fedrep: error: {err.strerror or err}{where}", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None)
+        then = f"; fix that (e.g. free space), then {hint}" if hint else ""
+        print(f"fedrep: error: {err.strerror or err}{where}{then}", file=sys.stderr)
         return 1
 
 

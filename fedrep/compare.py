@@ -417,6 +417,11 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
             failed.append(str(err))
     runs = {name: RunDir((out / name).resolve()) for name in configs
             if _completed(out / name)}
+    for name, run in list(runs.items()):
+        if not run.read_metrics(warn=False):
+            print(f"[fedrep compare] warning: {name}: {run.metrics_file} holds no finished round; left "
+                  "out of the table (delete the folder and rerun to redo it)", file=sys.stderr, flush=True)
+            del runs[name]
     summaries = {n: summarize_run(n, r) for n, r in runs.items()}
     write_table(list(summaries.values()), out)
     if len(runs) > 1:  # the first finished strategy of the file is the reference

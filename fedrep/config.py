@@ -236,6 +236,12 @@ class RunConfig(BaseModel):
         "head-only epochs on the final body (official code's last round: max(10, tau_h) epochs); "
         "the tuned head is not kept.",
     )
+    on_damaged_head: Literal["stop", "restart"] = Field(
+        "stop",
+        description="A client whose saved head (client-state file) cannot be read: 'stop' the run "
+        "before the round counts, naming the file (restore it and resume); 'restart' that client "
+        "from a fresh head, reported in events.jsonl (fedrep run --restart-damaged-heads).",
+    )
     out_dir: str = Field("runs", description="Parent folder for new run folders.")
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")

@@ -37,8 +37,8 @@ def check_component(reference: str) -> None:
     process's ``sys.path``)."""
     import importlib
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:  # after the install: a clients.py here must not shadow ours
+        sys.path.append(os.getcwd())
     module, sep, attr = reference.partition(":")
     if not sep or not module or not attr.isidentifier():
         raise ConfigError(f"--client-app {reference!r}: write MODULE:ATTR, e.g. clients.app:app")
@@ -205,7 +205,9 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
                       run_config=dict(run_config))
     resources: dict[str, Any] = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
     backend_config: dict[str, Any] = {"client_resources": resources, "init_args": {}}
-    print(start_ray(cfg, verbose), file=sys.stderr, flush=True)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm_before = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    print(start_ray(cfg, verbose), file=sys.stderr, flush=True)  # ray.init replaces the SIGTERM handler
     import ray
 
     previous = _quiet_on_interrupt()
@@ -226,20 +228,26 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     finally:
         ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, sigterm_before)
 
 
 def _quiet_on_interrupt() -> Any:
-    """On Ctrl-C, silence Flower's logger *before* the KeyboardInterrupt unwinds: Flower's own
+    """On Ctrl-C or SIGTERM, silence Flower's logger *before* the interrupt unwinds: Flower's own
     clean-up shuts Ray down on the way out, and its client threads then log every actor that
-    dies as an error, pages of noise over the one line that says how to resume. Returns the
-    previous handler (None off the main thread, where signals cannot be handled)."""
+    dies as an error, pages of noise over the one line that says how to resume. SIGTERM raises
+    the CLI's ``Terminated`` (a KeyboardInterrupt) instead of the handler ``ray.init`` installed,
+    which exits mid-clean-up with a stack dump. Returns the previous SIGINT handler in a tuple
+    (None off the main thread, where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
         return None
+    from fedrep.interrupts import Terminated
 
     def interrupted(signum: int, frame: Any) -> None:
         logging.getLogger("flwr").disabled = True
+        if signum == signal.SIGTERM:
+            raise Terminated
         signal.default_int_handler(signum, frame)
 
-    return signal.signal(signal.SIGINT, interrupted)
-
+    signal.signal(signal.SIGTERM, interrupted)
+    return signal.signal(signal.SIGINT, interrupted), None

@@ -10,29 +10,37 @@ import math
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fedrep import runlock
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.registry import get_strategy
-from fedrep.results import RunDir
+from fedrep.results import RunDir, RunFileError, new_run_name, run_folder_failure_in
 from server.records import from_record, to_record
+
+
+class RunFolderFailure(RuntimeError):
+    """A client could not read or write its part of the run folder; the round does not count."""
 
 
 class AuditingGrid:
     """A Grid proxy that records every message the server receives (kind, sender, the array
     names and bytes it carried), so 'the head never leaves the client' is checkable."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, run: RunDir) -> None:
         self._grid = grid
+        self._run = run
         self.server_round = 0
         self.rows: list[dict[str, Any]] = []
+        self.partition_of: dict[int, int] = {}  # node -> partition, from earlier replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -62,8 +70,29 @@ class AuditingGrid:
                     row["metrics"] = dict(metrics)
                     if "partition-id" in metrics:
                         row["partition"] = int(metrics["partition-id"])
+                        self.partition_of[row["node"]] = row["partition"]
+            elif row["node"] in self.partition_of:
+                row["partition"] = self.partition_of[row["node"]]
             self.rows.append(row)
+        self._stop_on_run_folder_failure()
         return replies
+
+    def _stop_on_run_folder_failure(self) -> None:
+        """A client that cannot read its head or write its state ends the run here, before the
+        round's aggregate or checkpoint exists, so a resume re-runs the round with every client."""
+        failures = [msg for r in self.rows if r["error"] and (msg := run_folder_failure_in(r["error"]))]
+        if not failures:
+            return
+        others = len(failures) - 1
+        others = len(failures) - 1
+        more = f" (and {others} more client{'s' * (others > 1)})" if others else ""
+        first = failures[0]
+        if "head file" in first and "cannot write" not in first:
+            fix = (f"restore the file and `fedrep run --resume {self._run.path}`, or `fedrep run --resume "
+                   f"{self._run.path} --restart-damaged-heads` to start that client from a fresh head")
+        else:
+            fix = f"fix that (free space, permissions) and `fedrep run --resume {self._run.path}`"
+        raise RunFolderFailure(f"round {self.server_round} stopped before it counted: {first}{more}; {fix}")
 
     def drain(self) -> list[dict[str, Any]]:
         rows, self.rows = self.rows, []
@@ -71,21 +100,35 @@ class AuditingGrid:
 
 
 def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
-    """(run folder, effective config, last completed round)."""
+    """(run folder, effective config, last completed round), with the folder's lock held."""
+    path = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / new_run_name(cfg)
     if not cfg.resume:
-        run, cfg = RunDir.create(cfg)
-        return run, cfg, 0
-    run = RunDir.open(cfg.run_dir)
-    run.check_resumable_with(cfg)
-    last = run.last_completed_round()
-    run.truncate_metrics(last)
-    cfg = cfg.model_copy(update={"run_dir": str(run.path)})
-    run.write_config(cfg.model_copy(update={"resume": False}))
-    return run, cfg, last
+        path.mkdir(parents=True, exist_ok=True)
+    elif not path.is_dir():
+        raise RunFileError(f"{path} does not exist; pass the folder a previous `fedrep run` printed")
+    runlock.acquire(path)  # re-entrant: `fedrep run` already holds it in this process
+    try:
+        if not cfg.resume:
+            run, cfg = RunDir.create(cfg.model_copy(update={"run_dir": str(path)}))
+            return run, cfg, 0
+        run = RunDir.open(path)
+        run.check_resumable_with(cfg)
+        run.clean_temp_files()
+        last = run.last_completed_round()
+        run.truncate_metrics(last)
+        saved = run.saved_config()
+        same_options = cfg.strategy_options if cfg.strategy_options == saved.strategy_options else (
+            saved.strategy_options)  # check_resumable_with found them equal as tables: keep the text
+        cfg = cfg.model_copy(update={"run_dir": str(run.path), "strategy_options": same_options})
+        run.write_config(cfg.model_copy(update={"resume": False}))
+        return run, cfg, last
+    except BaseException:
+        runlock.release(path)
+        raise
 
 
 def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: float,
-              first_round: int) -> None:
+              first_round: int, warning: str | None = None) -> None:
     done = server_round - first_round + 1
     per_round = (time.perf_counter() - started) / done
     eta = per_round * (cfg.num_rounds - server_round)
@@ -105,6 +148,8 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     if "representation-distance" in row:
         parts.append(f"dist(B,B*) {row['representation-distance']:.2e}")
     parts.append(f"{row['round-seconds']:.1f}s/round, eta {eta:.0f}s")
+    if warning:
+        parts.append(warning)
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
 
 
@@ -135,11 +180,86 @@ def _describe(event: dict[str, Any]) -> str:
         return f"{where} lost: {event.get('reason')}"
     if event["event"] == "node-rejoined":
         return f"{where} rejoined (lost in round {event.get('lost_in_round')}); head {event.get('head')}"
+    if event["event"] == "client-failed":
+        return f"{where} failed its {event.get('kind')} message: {event.get('reason')}"
+    if event["event"] in ("head-missing", "head-restarted"):
+        return f"{where} {event['event']}: {event.get('file')}: head {event.get('head')}"
     return f"{where}: {event['event']}"
+
+
+def _client_events(server_round: int, rows: list[dict[str, Any]], trained: set[int],
+                   state_root: Path) -> list[dict[str, Any]]:
+    """What the clients' replies say about them beyond the metrics: a client that failed, a head
+    file that was missing (a client that trained before came back fresh) or damaged and restarted.
+    Updates ``trained``, the partitions known to hold a trained head."""
+    events: list[dict[str, Any]] = []
+    for row in rows:
+        partition = row.get("partition")
+        if row["error"]:
+            events.append({"round": server_round, "event": "client-failed", "kind": row["kind"],
+                           "node": row["node"], "partition": partition,
+                           "reason": " ".join(str(row["error"]).split())[-300:]})
+            continue
+        restored = int(row.get("metrics", {}).get("personal-restored", -1))
+        head_file = str(state_root / f"partition-{partition:05d}.pt") if partition is not None else None
+        if restored == 0 and partition in trained:
+            events.append({"round": server_round, "event": "head-missing", "kind": row["kind"],
+                           "node": row["node"], "partition": partition, "file": head_file,
+                           "head": "fresh: the client trained before, but its head file is gone"})
+        elif restored == 4:
+            events.append({"round": server_round, "event": "head-restarted", "kind": row["kind"],
+                           "node": row["node"], "partition": partition, "file": head_file,
+                           "head": "fresh: its head file was damaged (on-damaged-head = restart)"})
+        if row["kind"].startswith("train") and restored in (0, 1, 2, 4) and partition is not None:
+            trained.add(partition)
+    return events
+
+
+def _trained_before(run: RunDir, last: int) -> set[int]:
+    """Partitions that trained with a personal part in rounds 1..last (from messages.jsonl)."""
+    return {int(r["partition"]) for r in run.read_audit()
+            if r["round"] <= last and str(r["kind"]).startswith("train") and not r.get("error")
+            and "partition" in r and int(r.get("metrics", {}).get("personal-restored", 3)) != 3}
+
+
+def _failures_note(row: dict[str, Any], events: list[dict[str, Any]]) -> str | None:
+    """The progress line's warning for a round where some clients failed."""
+    failed = [e for e in events if e["event"] == "client-failed"]
+    if not failed:
+        return None
+    who = ", ".join(f"{e['kind']} p{e['partition'] if e['partition'] is not None else '?'}"
+                    for e in failed[:4]) + (" ..." if len(failed) > 4 else "")
+    over = f"; acc is the mean over the {row['eval-clients']} that answered" if "eval-clients" in row else ""
+    return f"{len(failed)} client message{'s' * (len(failed) > 1)} FAILED ({who}){over}"
 
 
 def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
     run, cfg, last = _open_run(cfg)
+    try:
+        return _run_rounds(grid, cfg, run, last, timeout)
+    except (FloatingPointError, KeyboardInterrupt):
+        raise  # diverged: state.json already says so; interrupted: the round in flight never counted
+    except BaseException as err:
+        _record_stop(run, err)
+        raise
+    finally:
+        runlock.release(run.path)
+
+
+def _record_stop(run: RunDir, err: BaseException) -> None:
+    """A run that ends on an error says so in state.json (still resumable), instead of staying
+    'running'."""
+    try:
+        state = run.run_state()
+        if state.status == "running":
+            extra = {"strategy-state": state.strategy_state} if state.strategy_state else {}
+            run.write_state(state.last_completed_round, "stopped",
+                            error=" ".join(f"{type(err).__name__}: {err}".split())[:2000], **extra)
+    except (OSError, RunFileError):
+        pass  # the folder itself is the problem; the error the caller sees says so
+
+
+def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: float) -> RunDir:
     plugin = get_strategy(cfg.strategy)
     rule = plugin.client_rule(cfg)
     model = rule.prepare_model(build_model(cfg))
@@ -148,6 +268,9 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
     strategy = plugin.server_strategy(cfg)
     if last > 0:
         arrays = run.load_checkpoint(last)
+        if sorted(arrays) != sorted(shared_keys):
+            raise RunFileError(f"checkpoint {run.checkpoint_path(last)} holds {sorted(arrays)[:3]}..., "
+                               f"not this strategy's shared parameters {shared_keys[:3]}...; restore it")
         if hasattr(strategy, "load_strategy_state"):  # e.g. KD3A's moving-average domain weights
             strategy.load_strategy_state(run.state().get("strategy-state", {}))
         print(f"[fedrep] resuming {run.path} after round {last}", file=sys.stderr, flush=True)
@@ -156,7 +279,9 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         arrays = {k: state[k].numpy() for k in shared_keys}
     b_star = (ground_truth_representation(cfg.linear_dim, cfg.linear_rank, cfg.seed)
               if cfg.dataset == "linear-synthetic" else None)
-    audit = AuditingGrid(grid)
+    audit = AuditingGrid(grid, run)
+    trained = _trained_before(run, last)
+    state_root = run.path / "client-state"
     print(f"[fedrep] {cfg.strategy} on {cfg.dataset}: {cfg.num_clients} clients, "
           f"{cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''} -> {run.path}",
           file=sys.stderr, flush=True)
@@ -204,6 +329,9 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         events = strategy.drain_events() if hasattr(strategy, "drain_events") else []
         row["nodes-lost"] = len(getattr(strategy, "lost", {}))
         audit_rows = audit.drain()
+        client_events = _client_events(server_round, audit_rows, trained, state_root)
+        events += client_events
+        row["client-failures"] = sum(e["event"] == "client-failed" for e in client_events)
         row["bytes-received"] = sum(r["bytes"] for r in audit_rows)
         row["round-seconds"] = time.perf_counter() - t0
         run.save_checkpoint(server_round, arrays)
@@ -211,7 +339,7 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
         run.append_events(events)
         run.append_metrics(row)
         run.write_state(server_round, "running", **_strategy_state(strategy))
-        _progress(cfg, server_round, row, started, last + 1)
+        _progress(cfg, server_round, row, started, last + 1, _failures_note(row, client_events))
         for event in events:
             print(f"[fedrep] {_describe(event)}", file=sys.stderr, flush=True)
     run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))

@@ -22,12 +22,12 @@ def _head(value: float) -> dict[str, torch.Tensor]:
 def test_fresh_then_node_state_then_file(tmp_path: Path):
     deployed = {"state-dir": str(tmp_path / "node")}  # a SuperNode hosting one client
     ctx = _ctx(deployed)
-    assert load_personal(ctx, str(tmp_path), 3, server_round=1) == (None, "fresh")
+    assert load_personal(ctx, str(tmp_path), 3, server_round=1, expected=_head(0.0)) == (None, "fresh")
     save_personal(ctx, str(tmp_path), 3, 1, _head(1.0))
-    params, source = load_personal(ctx, str(tmp_path), 3, server_round=2)
+    params, source = load_personal(ctx, str(tmp_path), 3, server_round=2, expected=_head(0.0))
     assert source == "node-state" and params["head.bias"][0] == 1.0
     # a new process (empty node state) finds the client's own file
-    params, source = load_personal(_ctx(deployed), str(tmp_path), 3, server_round=2)
+    params, source = load_personal(_ctx(deployed), str(tmp_path), 3, server_round=2, expected=_head(0.0))
     assert source == "file" and params["head.weight"][0, 0] == 1.0
 
 
@@ -36,7 +36,7 @@ def test_simulated_nodes_keep_heads_on_disk_only(tmp_path: Path):
     ctx = _ctx()
     save_personal(ctx, str(tmp_path), 3, 1, _head(2.0))
     assert len(ctx.state.array_records) == 0 and len(ctx.state.config_records) == 0
-    params, source = load_personal(ctx, str(tmp_path), 3, server_round=2)
+    params, source = load_personal(ctx, str(tmp_path), 3, server_round=2, expected=_head(0.0))
     assert source == "file" and params["head.bias"][0] == 2.0
 
 
@@ -46,12 +46,12 @@ def test_restore_picks_newest_version_before_the_round(tmp_path: Path):
     ctx = _ctx()
     save_personal(ctx, str(tmp_path), 0, 3, _head(3.0))
     save_personal(ctx, str(tmp_path), 0, 5, _head(5.0))
-    params, source = load_personal(_ctx(), str(tmp_path), 0, server_round=5)
+    params, source = load_personal(_ctx(), str(tmp_path), 0, server_round=5, expected=_head(0.0))
     assert source == "file" and params["head.bias"][0] == 3.0
-    params, _ = load_personal(_ctx(), str(tmp_path), 0, server_round=6)
+    params, _ = load_personal(_ctx(), str(tmp_path), 0, server_round=6, expected=_head(0.0))
     assert params["head.bias"][0] == 5.0
     # the node state holds round 5, which is not older than round 5: the file decides
-    params, source = load_personal(ctx, str(tmp_path), 0, server_round=5)
+    params, source = load_personal(ctx, str(tmp_path), 0, server_round=5, expected=_head(0.0))
     assert source == "file" and params["head.bias"][0] == 3.0
     save_personal(ctx, str(tmp_path), 0, 7, _head(7.0))  # only two versions are kept
     versions = torch.load(tmp_path / "client-state" / "partition-00000.pt", weights_only=True)

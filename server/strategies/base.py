@@ -44,7 +44,9 @@ PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)
 # How a client got its personal part back (clients/app.py RESTORED_CODE), as the log says it.
 HEAD_ON_RETURN = {0: "fresh: its saved state did not survive", 1: "intact in node state",
-                  2: "restored from its state file", 3: "none to restore (nothing personal)"}
+                  2: "restored from its state file", 3: "none to restore (nothing personal)",
+                  4: "fresh: its state file was damaged (on-damaged-head = restart)"}
+UNTRAINED_HEAD = (0, 4)  # personal-restored codes of a client holding an initial head
 
 
 class SharedAveraging(Strategy):
@@ -65,11 +67,15 @@ class SharedAveraging(Strategy):
     # -- who is out there ------------------------------------------------------------------
     def wait_for_nodes(self, grid: Grid) -> set[int]:
         """Wait until all ``num-clients`` nodes are connected (up to ``wait-for-clients`` s), so
-        that sampling sees the whole population; then go on with whoever is there."""
+        that sampling sees the whole population; then go on with whoever is there.
+
+        Nodes are asked who they are as they connect, so a federation of the wrong size (``flwr
+        run`` with the default number of SuperNodes) is refused at once, not after the wait."""
         deadline = time.monotonic() + self.cfg.wait_for_clients
         announced = False
         while True:
             connected = set(grid.get_node_ids())
+            self._query_new(grid, connected)
             if len(connected) >= self.cfg.num_clients or time.monotonic() > deadline:
                 break
             if not announced:
@@ -94,6 +100,10 @@ class SharedAveraging(Strategy):
             self._waited = True
         for gone in sorted(set(self.partition_of) - connected):
             self._lose(gone, self.partition_of.pop(gone), "disconnected from the SuperLink")
+        self._query_new(grid, connected)
+        return dict(self.partition_of)
+
+    def _query_new(self, grid: Grid, connected: set[int]) -> None:
         new = sorted(connected - set(self.partition_of))
         if new:
             question = RecordDict({CONFIG: ConfigRecord({"ask": PARTITION_ID})})
@@ -103,7 +113,6 @@ class SharedAveraging(Strategy):
                 if reply.has_error():
                     raise RuntimeError(f"node {node} failed to start: {reply.error.reason}")
                 self._register(node, reply.content[METRICS])
-        return dict(self.partition_of)
 
     def _register(self, node: int, info: MetricRecord) -> None:
         pid = int(info[PARTITION_ID])
@@ -231,7 +240,7 @@ class SharedAveraging(Strategy):
         if not ok:
             return None
         metrics = [r.content[METRICS] for r in ok]
-        trained = [m for m in metrics if int(m.get("personal-restored", 1)) != 0]
+        trained = [m for m in metrics if int(m.get("personal-restored", 1)) not in UNTRAINED_HEAD]
         out: dict[str, float | int] = {
             "eval-clients": len(ok),
             "eval-failures": len(self.last_failures),
