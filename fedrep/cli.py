@@ -140,7 +140,11 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         values["on-damaged-head"] = "restart"
     if args.resume:
         values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
+    if local and values.get("data-dir"):  # the clients do not run in this folder
+        values["data-dir"] = os.path.abspath(str(values["data-dir"]))
     cfg = parse_run_config(values, "fedrep run configuration")
+    if cfg.run_dir and local:
+        check_path_lengths(cfg)  # before anything touches a path the OS would refuse
     if cfg.run_dir and Path(cfg.run_dir).is_dir():
         runlock.check_free(cfg.run_dir)  # name the process that holds it, whatever else is wrong
     if not args.resume and cfg.run_dir and (Path(cfg.run_dir) / "state.json").exists():
@@ -152,6 +156,8 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         run_dir = Path(cfg.out_dir) / new_run_name(cfg)
         run_dir = run_dir.resolve() if local else run_dir
         cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+        if local:
+            check_path_lengths(cfg)
     return cfg
 
 
@@ -169,7 +175,6 @@ def preflight(cfg: RunConfig) -> None:
         from fedrep.data.federated import DataKey, partitions
 
         partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
-    check_path_lengths(cfg)
     if cfg.resume:
         check_resumable_files(cfg)
     # last, so that a run refused above leaves no empty folder behind
@@ -187,7 +192,7 @@ def check_path_lengths(cfg: RunConfig) -> None:
     from fedrep.results import CLIENT_STATE, client_state_file
 
     run_dir = Path(cfg.run_dir).absolute()
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    existing = next(p for p in (run_dir, *run_dir.parents) if os.path.exists(p))
     path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
     for part in run_dir.parts:
         if len(os.fsencode(part)) > name_max:

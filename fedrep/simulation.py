@@ -13,6 +13,7 @@ run as Ray actors on any of its nodes. ``deploy/ray/README.md`` covers the clust
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -84,6 +85,9 @@ def worker_runtime_env() -> dict[str, Any]:
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     env_vars = {"PYTHONPATH": pythonpath}
     env_vars.update({key: os.environ[key] for key in FORWARDED_ENV if os.environ.get(key)})
+    for key in ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR"):  # workers start in another folder
+        if key in env_vars:
+            env_vars[key] = os.path.abspath(env_vars[key])
     return {"env_vars": env_vars}
 
 
@@ -99,7 +103,24 @@ def clients_at_once(nodes: list[dict[str, Any]], cpus: float, gpus: float) -> in
     return total
 
 
-def start_ray(cfg: RunConfig, verbose: bool = False) -> str:
+@contextlib.contextmanager
+def _working_dir(folder: Path | None):
+    """Run the block in ``folder``. ``ray.init`` puts the driver's working directory at the front
+    of every worker's ``sys.path``, so a ``clients.py`` or ``clients/`` where the user happens to
+    be would replace the ClientApp package in the workers; initialising Ray from the run's own
+    app folder (it holds only ``pyproject.toml``) keeps the workers on the installed packages."""
+    if folder is None:
+        yield
+        return
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def start_ray(cfg: RunConfig, verbose: bool = False, init_dir: Path | None = None) -> str:
     """Start a private Ray, or join the cluster ``RAY_ADDRESS`` names; return one line saying
     which, with its nodes, CPUs, GPUs and how many clients run at once.
 
@@ -116,11 +137,13 @@ def start_ray(cfg: RunConfig, verbose: bool = False) -> str:
     if not verbose:
         init_args["logging_level"] = "WARNING"  # Flower's default for simulations
     if not address:
-        ray.init(address="local", include_dashboard=False, **init_args)
+        with _working_dir(init_dir):
+            ray.init(address="local", include_dashboard=False, **init_args)
     else:
         check_reachable(address)
         try:
-            ray.init(address=address, **init_args)
+            with _working_dir(init_dir):
+                ray.init(address=address, **init_args)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise ConfigError(f"RAY_ADDRESS={address!r}: cannot join a Ray cluster there ({err}). "
                               f"{_RAY_ADDRESS_FIX}") from None
@@ -207,7 +230,8 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     backend_config: dict[str, Any] = {"client_resources": resources, "init_args": {}}
     on_main_thread = threading.current_thread() is threading.main_thread()
     sigterm_before = signal.getsignal(signal.SIGTERM) if on_main_thread else None
-    print(start_ray(cfg, verbose), file=sys.stderr, flush=True)  # ray.init replaces the SIGTERM handler
+    # ray.init replaces the SIGTERM handler; _quiet_on_interrupt below puts ours back
+    print(start_ray(cfg, verbose, init_dir=app_dir), file=sys.stderr, flush=True)
     import ray
 
     previous = _quiet_on_interrupt()
