@@ -77,6 +77,13 @@ def run_folder_failure(message: str) -> RuntimeError:
     return RuntimeError(RUN_FOLDER_TAG + " ".join(message.split()))
 
 
+def client_error_text(reason: str) -> str:
+    """The client's own message out of the error reason Flower wraps it in
+    (``<class '...ClientAppException'>:<'... Message: TEXT'>``), on one line."""
+    text = reason.rsplit("Message: ", 1)[-1] if "Message: " in reason else reason
+    return " ".join(text.strip().removesuffix("'>").split())
+
+
 def run_folder_failure_in(reason: str) -> str | None:
     """The client's message if an error reply's reason is a tagged run-folder failure."""
     at = reason.find(RUN_FOLDER_TAG)

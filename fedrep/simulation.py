@@ -196,6 +196,22 @@ def ray_summary(cfg: RunConfig, address: str) -> tuple[str, float, int]:
     return summary, gpus, clients_at_once(nodes, cfg.client_cpus, cfg.client_gpus)
 
 
+class _ClientFailureLogFilter(logging.Filter):
+    """Without ``--verbose``, a client that raises is one line of the round loop's (the progress
+    line and an ``events.jsonl`` row with its message), not the pages of chained Ray and Flower
+    tracebacks the simulation engine logs for it; and a client that cannot use the run folder
+    stops the run with one line naming the file."""
+
+    NOISE = ("An exception was raised when processing a message by", "ray::ClientAppActor",
+             "Traceback (most recent call last)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from fedrep.results import RUN_FOLDER_TAG
+
+        text = record.getMessage()
+        return not (RUN_FOLDER_TAG in text or any(n in text[:120] for n in self.NOISE))
+
+
 def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: str = CLIENT_APP) -> None:
     """Run ``cfg`` (already validated; ``run-dir`` already decided) to completion with the
     ``client_app`` component (``module:attr``)."""
@@ -232,6 +248,8 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     sigterm_before = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     # ray.init replaces the SIGTERM handler; _quiet_on_interrupt below puts ours back
     print(start_ray(cfg, verbose, init_dir=app_dir), file=sys.stderr, flush=True)
+    if not verbose:
+        logging.getLogger("flwr").addFilter(_ClientFailureLogFilter())
     import ray
 
     previous = _quiet_on_interrupt()

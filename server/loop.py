@@ -23,7 +23,13 @@ from fedrep.data.synthetic import ground_truth_representation, principal_angle_d
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.registry import get_strategy
-from fedrep.results import RunDir, RunFileError, new_run_name, run_folder_failure_in
+from fedrep.results import (
+    RunDir,
+    RunFileError,
+    client_error_text,
+    new_run_name,
+    run_folder_failure_in,
+)
 from server.records import from_record, to_record
 
 
@@ -198,7 +204,7 @@ def _client_events(server_round: int, rows: list[dict[str, Any]], trained: set[i
         if row["error"]:
             events.append({"round": server_round, "event": "client-failed", "kind": row["kind"],
                            "node": row["node"], "partition": partition,
-                           "reason": " ".join(str(row["error"]).split())[-300:]})
+                           "reason": client_error_text(str(row["error"]))[-500:]})
             continue
         restored = int(row.get("metrics", {}).get("personal-restored", -1))
         head_file = str(state_root / f"partition-{partition:05d}.pt") if partition is not None else None
@@ -229,8 +235,19 @@ def _failures_note(row: dict[str, Any], events: list[dict[str, Any]]) -> str | N
         return None
     who = ", ".join(f"{e['kind']} p{e['partition'] if e['partition'] is not None else '?'}"
                     for e in failed[:4]) + (" ..." if len(failed) > 4 else "")
-    over = f"; acc is the mean over the {row['eval-clients']} that answered" if "eval-clients" in row else ""
+    over = f"; evaluation means over the {row['eval-clients']} that answered" if "eval-clients" in row else ""
     return f"{len(failed)} client message{'s' * (len(failed) > 1)} FAILED ({who}){over}"
+
+
+def _event_lines(events: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
+    """One line per event, at most ``per_kind`` of each kind a round (events.jsonl has all)."""
+    lines: list[str] = []
+    for kind in dict.fromkeys(e["event"] for e in events):
+        of_kind = [e for e in events if e["event"] == kind]
+        lines += [_describe(e) for e in of_kind[:per_kind]]
+        if len(of_kind) > per_kind:
+            lines.append(f"... and {len(of_kind) - per_kind} more {kind} events this round (events.jsonl)")
+    return lines
 
 
 def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
@@ -340,8 +357,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         run.append_metrics(row)
         run.write_state(server_round, "running", **_strategy_state(strategy))
         _progress(cfg, server_round, row, started, last + 1, _failures_note(row, client_events))
-        for event in events:
-            print(f"[fedrep] {_describe(event)}", file=sys.stderr, flush=True)
+        for line in _event_lines(events):
+            print(f"[fedrep] {line}", file=sys.stderr, flush=True)
     run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
     plot = plot_run(run.path)
     print(f"[fedrep] done: metrics {run.metrics_file}, plot {plot}", file=sys.stderr, flush=True)

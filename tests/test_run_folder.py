@@ -230,8 +230,9 @@ def test_a_client_that_fails_shows_on_the_progress_line_and_in_events(tmp_path: 
     proc = fedrep_cli("run", *LINEAR, "--rounds", "2", "--set", f"run-dir={run}",
                       "--client-app", "failing_clientapp:app", cwd=Path(__file__).parent)
     progress = [line for line in proc.stderr.splitlines() if line.startswith("[fedrep] round")]
-    assert all("FAILED (evaluate p1" in line and "mean over the 3 that answered" in line
-               for line in progress if "acc " in line), progress
+    assert progress and all("FAILED (evaluate p1" in line and "means over the 3 that answered" in line
+                            for line in progress), progress
+    assert "Traceback" not in proc.stderr and "simulated crash of partition 1" in proc.stderr
     failed = [e for e in RunDir(run).read_events() if e["event"] == "client-failed"]
     assert {(e["partition"], e["kind"]) for e in failed} >= {(1, "evaluate")}
     assert "simulated crash" in failed[0]["reason"]
@@ -310,3 +311,31 @@ def test_a_full_disk_names_the_file_and_leaves_no_temp_files(tmp_path: Path):
         assert not [p for p in run.rglob(".*") if p.name != ".lock"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+WRONG_SIZE = """
+import time
+from flwr.simulation import run_simulation
+from server.app import app as server_app
+from clients.app import app as client_app
+started = time.monotonic()
+try:
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+except RuntimeError as err:
+    print("REFUSED", err)
+print("SECONDS", time.monotonic() - started)
+"""
+
+
+def test_a_federation_of_the_wrong_size_is_refused_at_once(tmp_path: Path, fmnist_dir: Path):
+    """`flwr run .` without num-supernodes starts Flower's default federation, not num-clients
+    nodes: the first node that answers says so, long before wait-for-clients (120 s) runs out,
+    and the run folder says 'stopped' with the reason instead of 'running' at round 0."""
+    proc = subprocess.run([sys.executable, "-c", WRONG_SIZE], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "FEDREP_DATA_DIR": str(fmnist_dir)})
+    assert "REFUSED" in proc.stdout and "of 3, but num-clients=100" in proc.stdout, proc.stderr[-3000:]
+    assert float(proc.stdout.split("SECONDS")[1]) < 100
+    (run,) = (tmp_path / "runs").iterdir()
+    state = RunDir(run).state()
+    assert state["status"] == "stopped" and "num-supernodes=100" in state["error"]

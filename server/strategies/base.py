@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 
 from flwr.app import (
     ArrayRecord,
@@ -198,7 +198,8 @@ class SharedAveraging(Strategy):
             node = self._sender(reply)
             if reply.has_error():
                 self.last_failures.append((node, reply.error.reason))
-                log(WARNING, "node %s failed: %s", node, reply.error.reason)
+                # the round loop reports it (progress line, events.jsonl); the whole reason here
+                log(DEBUG, "node %s failed: %s", node, reply.error.reason)
                 if reply.error.code in NODE_GONE:
                     self._lose(node, self.partition_of.get(node), reply.error.reason)
             else:
