@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -229,9 +230,9 @@ def test_a_client_that_fails_shows_on_the_progress_line_and_in_events(tmp_path: 
     run = tmp_path / "failing"
     proc = fedrep_cli("run", *LINEAR, "--rounds", "2", "--set", f"run-dir={run}",
                       "--client-app", "failing_clientapp:app", cwd=Path(__file__).parent)
-    progress = [line for line in proc.stderr.splitlines() if line.startswith("[fedrep] round")]
-    assert progress and all("FAILED (evaluate p1" in line and "means over the 3 that answered" in line
-                            for line in progress), progress
+    progress = [line for line in proc.stderr.splitlines() if re.match(r"\[fedrep\] round +\d+/", line)]
+    assert len(progress) == 2 and all("FAILED (" in line and "evaluate p1" in line for line in progress)
+    assert all("means over the 3 that answered" in line for line in progress), progress
     assert "Traceback" not in proc.stderr and "simulated crash of partition 1" in proc.stderr
     failed = [e for e in RunDir(run).read_events() if e["event"] == "client-failed"]
     assert {(e["partition"], e["kind"]) for e in failed} >= {(1, "evaluate")}
