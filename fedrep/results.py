@@ -89,7 +89,8 @@ def run_folder_failure_in(reason: str) -> str | None:
     at = reason.find(RUN_FOLDER_TAG)
     if at < 0:
         return None
-    return reason[at + len(RUN_FOLDER_TAG):].strip().removesuffix("'>").strip()
+    # Under Ray the reason holds the whole chained traceback: the message ends with its line.
+    return reason[at + len(RUN_FOLDER_TAG):].splitlines()[0].strip().removesuffix("'>").strip()
 
 
 class RunState(BaseModel):
