@@ -209,7 +209,7 @@ def check_path_lengths(cfg: RunConfig) -> None:
 def check_resumable_files(cfg: RunConfig) -> None:
     """Before Ray starts: the checkpoint a resume starts from, and (simulation) every client's
     head file, load. A damaged one is named with the user's choices."""
-    from fedrep.results import CLIENT_STATE, HeadFileDamaged, RunDir, read_head_versions
+    from fedrep.results import HeadFileDamaged, RunDir, read_head_versions
 
     run = RunDir(cfg.run_dir)
     last = run.last_completed_round()
@@ -218,7 +218,7 @@ def check_resumable_files(cfg: RunConfig) -> None:
     if cfg.on_damaged_head == "restart":
         return
     damaged = []
-    for path in sorted((run.path / CLIENT_STATE).glob("partition-*.pt")):
+    for path in run.head_files():
         try:
             read_head_versions(path)
         except HeadFileDamaged as err:

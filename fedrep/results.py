@@ -304,6 +304,10 @@ class RunDir:
                                f"or {earlier}")
         return {k: v.numpy() for k, v in tensors.items()}
 
+    def head_files(self) -> list[Path]:
+        """The clients' personal-state files a simulation keeps in this folder."""
+        return sorted((self.path / CLIENT_STATE).glob("partition-*.pt"))
+
     def roll_back(self, to_round: int) -> None:
         """Make ``to_round`` the last completed round, so that a resume continues from its
         checkpoint (the way out when a later checkpoint is damaged). Refused where the rounds
@@ -321,7 +325,7 @@ class RunDir:
         if to_round > 0:
             self.load_checkpoint(to_round)
         too_new = []
-        for path in sorted((self.path / CLIENT_STATE).glob("partition-*.pt")):
+        for path in self.head_files():
             versions = read_head_versions(path)
             if len(versions) >= KEEP_HEAD_VERSIONS and min(versions) > to_round:
                 too_new.append(path.name)

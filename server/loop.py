@@ -55,6 +55,7 @@ class AuditingGrid:
                          ) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        first_new = len(self.rows)
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
         dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -80,13 +81,13 @@ class AuditingGrid:
             elif row["node"] in self.partition_of:
                 row["partition"] = self.partition_of[row["node"]]
             self.rows.append(row)
-        self._stop_on_run_folder_failure()
+        self._stop_on_run_folder_failure(self.rows[first_new:])
         return replies
 
-    def _stop_on_run_folder_failure(self) -> None:
+    def _stop_on_run_folder_failure(self, rows: list[dict[str, Any]]) -> None:
         """A client that cannot read its head or write its state ends the run here, before the
         round's aggregate or checkpoint exists, so a resume re-runs the round with every client."""
-        failures = [msg for r in self.rows if r["error"] and (msg := run_folder_failure_in(r["error"]))]
+        failures = [msg for r in rows if r["error"] and (msg := run_folder_failure_in(r["error"]))]
         if not failures:
             return
         others = len(failures) - 1
