@@ -470,7 +470,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     """Run the command; expected failures become one line and an exit code."""
     handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies,
                 "config": cmd_config, "compare": cmd_compare}
-    from fedrep.data.fashion_mnist import DataError
+    from fedrep.data.store import DataError
     from fedrep.registry import PluginError
 
     try:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fedrep.data.domains import IMAGE_SIZE, DomainError
-from fedrep.data.fashion_mnist import DataError, cache_dir
+from fedrep.data.store import DataError, cache_dir
 
 Split = Literal["train", "test"]
 

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrep.data.store import DataError, cache_dir
 from fedrep.files import atomic_write, numpy_bytes
+
+__all__ = ["DataError", "Split", "cache_dir", "load", "locate", "load_array", "download", "decode_idx"]
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -65,14 +68,6 @@ FILES: dict[str, IdxFile] = {
         (10000,),
     ),
 }
-
-
-class DataError(RuntimeError):
-    """Data missing or corrupt; the message names the path and how to get the data."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FEDREP_CACHE_DIR", Path.home() / ".cache" / "fedrep"))
 
 
 def _candidates(explicit: str | os.PathLike[str] | None) -> list[Path]:
