@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrep.data.store import DataError, cache_dir
+from fedrep.data.store import DataError, Split, cache_dir
 from fedrep.files import atomic_write, numpy_bytes
 
 __all__ = ["DataError", "Split", "cache_dir", "load", "locate", "load_array", "download", "decode_idx"]
@@ -201,12 +201,6 @@ def load_array(directory: Path, key: str) -> np.ndarray:
         return np.load(cached, mmap_mode="r")
     except OSError:
         return arr  # read-only cache: fall back to the in-memory copy
-
-
-@dataclass(frozen=True)
-class Split:
-    images: np.ndarray  # (N, 28, 28) uint8
-    labels: np.ndarray  # (N,) uint8
 
 
 def load(data_dir: str | os.PathLike[str] | None = None) -> tuple[Split, Split]:

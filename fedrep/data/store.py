@@ -21,6 +21,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +32,15 @@ from fedrep.files import atomic_write, numpy_bytes
 
 class DataError(RuntimeError):
     """Data missing or corrupt; the message names the file and how to get the data."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a centralised data set: ``images`` (N, ...) uint8 as stored (Fashion-MNIST
+    (N, 28, 28), CIFAR (N, 32, 32, 3)), ``labels`` (N,) integers."""
+
+    images: np.ndarray
+    labels: np.ndarray
 
 
 def cache_dir() -> Path:
