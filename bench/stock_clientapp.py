@@ -23,7 +23,7 @@ def forget_everything() -> None:
     """Drop the per-process caches: parsed config + built model, the decoded data set, the
     partition indices and the client tensors."""
     fedrep_client._setup.cache_clear()
-    for cached in (federated._fashion_splits, federated.partitions, federated._client_data,
+    for cached in (federated.centralised_splits, federated.partitions, federated._client_data,
                    federated._on_device):
         cached.cache_clear()
 

@@ -39,6 +39,8 @@ FLAG_KEYS = {
     "dataset": "dataset",
     "model": "model",
     "partition": "partition",
+    "partition_file": "partition-file",
+    "data_dir": "data-dir",
 }
 
 
@@ -74,9 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, help="communication rounds")
     run.add_argument("--seed", type=int, help="run seed")
     run.add_argument("--out", help="parent folder for the run folder (default: runs)")
-    run.add_argument("--dataset", help="fashion-mnist | linear-synthetic | fmnist-domains | digit-five")
-    run.add_argument("--model", help="cnn | mlp | linear | cnn-bn")
-    run.add_argument("--partition", help="pathological | dirichlet | iid")
+    run.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | femnist | sent140 | pfllib | "
+                     "linear-synthetic | fmnist-domains | digit-five (docs/data.md)")
+    run.add_argument("--model", help="default: the official one for the data set (see `fedrep config`)")
+    run.add_argument("--partition", help="pathological | dirichlet | iid | natural | file")
+    run.add_argument("--partition-file", metavar="PATH",
+                     help="partition = file: a fedrep JSON of index lists (`fedrep config "
+                     "--partition-schema`) or a PFLlib folder (with --dataset pfllib)")
+    run.add_argument("--data-dir", metavar="DIR", help="where the data set's files are (docs/data.md)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any run-config key, e.g. --set head-epochs=5 (repeatable)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
@@ -113,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                       "(repeatable; use another --out)")
 
     sub.add_parser("strategies", help="list installed strategy plugins")
-    sub.add_parser("config", help="list every run-config key with its default and meaning")
+    conf = sub.add_parser("config", help="list every run-config key with its default and meaning")
+    conf.add_argument("--partition-schema", action="store_true",
+                      help="print the schema of a partition-file (partition = \"file\") instead")
     return parser
 
 
@@ -140,8 +149,9 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         values["on-damaged-head"] = "restart"
     if args.resume:
         values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
-    if local and values.get("data-dir"):  # the clients do not run in this folder
-        values["data-dir"] = os.path.abspath(str(values["data-dir"]))
+    for path_key in ("data-dir", "partition-file"):  # the clients do not run in this folder
+        if local and values.get(path_key):
+            values[path_key] = os.path.abspath(str(values[path_key]))
     cfg = parse_run_config(values, "fedrep run configuration")
     if cfg.run_dir and local:
         check_path_lengths(cfg)  # before anything touches a path the OS would refuse
@@ -171,10 +181,9 @@ def preflight(cfg: RunConfig) -> None:
         rule.check(rule.prepare_model(build_model(cfg)))
     except ValueError as err:
         raise ConfigError(f"strategy {cfg.strategy!r}: {err}") from None
-    if cfg.dataset == "fashion-mnist":
-        from fedrep.data.federated import DataKey, partitions
+    from fedrep.data.federated import check_data
 
-        partitions(DataKey.of(cfg))  # locates + verifies the files, builds the split
+    check_data(cfg)  # locates + verifies the files, builds the split
     if cfg.resume:
         check_resumable_files(cfg)
     # last, so that a run refused above leaves no empty folder behind
@@ -428,8 +437,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(_: argparse.Namespace) -> int:
+def cmd_config(args: argparse.Namespace) -> int:
     from fedrep.config import RunConfig
+
+    if getattr(args, "partition_schema", False):
+        from fedrep.data.partition_file import PARTITION_FILE_SCHEMA
+
+        print(PARTITION_FILE_SCHEMA)
+        return 0
 
     defaults = RunConfig().to_flower()
     width = max(len(k) for k in defaults)

@@ -33,13 +33,27 @@ from pydantic import (
 )
 
 DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1,
-                                        "fmnist-domains": 10, "digit-five": 10}
+                                        "fmnist-domains": 10, "digit-five": 10, "cifar10": 10,
+                                        "cifar100": 100, "femnist": 10, "sent140": 2,
+                                        "pfllib": 0}  # pfllib: the folder's config.json says
+# The models each data set can run; the first is the default, the official code's choice.
 DATASET_MODELS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("cnn", "mlp", "cnn-bn"),
+    "fashion-mnist": ("cnn", "mlp", "cnn-bn", "fedavg-cnn"),
     "linear-synthetic": ("linear",),
     "fmnist-domains": ("cnn-bn",),
     "digit-five": ("cnn-bn",),
+    "cifar10": ("cnn", "fedavg-cnn", "mlp"),  # official get_model: CNNCifar (scripts/FedRep_cifar10_*)
+    "cifar100": ("cnn-cifar100", "cnn", "fedavg-cnn", "mlp"),  # official: CNNCifar100
+    "femnist": ("mlp", "femnist-cnn", "cnn", "fedavg-cnn"),  # official FedRep_femnist.sh: --model mlp
+    "sent140": ("lstm",),  # official RNNSent
+    "pfllib": ("fedavg-cnn", "cnn", "mlp"),  # PFLlib's own CNN first
 }
+# Data sets whose clients are fixed by the data (LEAF's writers / Twitter users).
+NATURAL_CLIENTS = ("femnist", "sent140")
+# Data sets whose train/test arrays a JSON index partition file can point into.
+INDEXABLE = ("fashion-mnist", "cifar10", "cifar100")
+FEMNIST_CLASS_COUNTS = {"digits": 10, "letters-a-j": 10, "all": 62}
+
 # Multi-domain data sets (KD3A): one client per domain, partition 0 is the unlabelled target.
 MULTI_DOMAIN = ("fmnist-domains", "digit-five")
 DEFAULT_DOMAINS = {"fmnist-domains": ("original", "inverted", "mnistm-style", "rotated", "lowres-noise"),
@@ -115,25 +129,41 @@ class RunConfig(BaseModel):
         description="The strategy plugin's own options as a TOML inline table, e.g. '{mu = 0.01}' "
         "(see `fedrep strategies`).",
     )
-    dataset: Literal["fashion-mnist", "linear-synthetic", "fmnist-domains", "digit-five"] = Field(
-        "fashion-mnist", description="Data set: Fashion-MNIST IDX files, the paper's Sec. 5 linear task, "
-        "or a multi-domain set for KD3A: 'fmnist-domains' (five domains derived from Fashion-MNIST, "
-        "offline) or 'digit-five' (KD3A's .mat files).",
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "femnist", "sent140", "pfllib",
+                     "linear-synthetic", "fmnist-domains", "digit-five"] = Field(
+        "fashion-mnist", description="Data set: Fashion-MNIST IDX files; the paper's Table 1 sets "
+        "'cifar10'/'cifar100' (python-pickle archives) and 'femnist'/'sent140' (LEAF JSON, LEAF's "
+        "writers / Twitter users as clients; sent140 also needs GloVe vectors); 'pfllib' (a "
+        "PFLlib-generated folder given as partition-file, its arrays used as they are); the paper's "
+        "Sec. 5 linear task; or a multi-domain set for KD3A: 'fmnist-domains' (five domains derived "
+        "from Fashion-MNIST, offline) or 'digit-five' (KD3A's .mat files). See docs/data.md.",
     )
-    model: Literal["cnn", "mlp", "linear", "cnn-bn"] = Field(
+    model: Literal["cnn", "mlp", "linear", "cnn-bn", "cnn-cifar100", "fedavg-cnn", "femnist-cnn",
+                   "lstm"] = Field(
         "cnn",
-        description="Network. 'cnn' is the paper's CIFAR CNN (official Nets.py CNNCifar) sized for the "
-        "input; 'mlp' is the official MLP; 'linear' is the Sec. 5 model y = w^T B^T x; 'cnn-bn' is a "
-        "BatchNorm CNN (KD3A's digit network, narrowed) for 3x32x32 domains or 1x28x28 Fashion-MNIST "
-        "(BN-only personalization: strategy 'split' with personal_batchnorm).",
+        description="Network; when not given, the official one for the data set (fashion-mnist, "
+        "cifar10: cnn; cifar100: cnn-cifar100; femnist: mlp; sent140: lstm; pfllib: fedavg-cnn). "
+        "'cnn' is the paper's CIFAR CNN (official models/Nets.py CNNCifar) sized "
+        "for the input; 'cnn-cifar100' the official CNNCifar100; 'mlp' the official MLP; "
+        "'femnist-cnn' the official CNN_FEMNIST; 'lstm' the official Sent140 RNNSent; 'fedavg-cnn' "
+        "PFLlib's FedAvgCNN (conv32-conv64-fc512); 'linear' the Sec. 5 model y = w^T B^T x; 'cnn-bn' "
+        "a BatchNorm CNN (KD3A's digit network, narrowed) for 3x32x32 domains or 1x28x28 "
+        "Fashion-MNIST (BN-only personalization: strategy 'split' with personal_batchnorm).",
     )
 
     # --- federation and data split ------------------------------------------------------------
     num_clients: int = Field(100, ge=1, description="Number of clients n (official default 100).")
-    partition: Literal["pathological", "dirichlet", "iid"] = Field(
+    partition: Literal["pathological", "dirichlet", "iid", "natural", "file"] = Field(
         "pathological",
         description="'pathological': s classes per client in equal shards (paper's CIFAR setting); "
-        "'dirichlet': Dir(alpha) label skew; 'iid'.",
+        "'dirichlet': Dir(alpha) label skew; 'iid'; 'natural': LEAF's users are the clients "
+        "(femnist, sent140: the default there); 'file': the clients of partition-file (a fedrep "
+        "JSON of index lists, see `fedrep config --partition-schema`, or a PFLlib folder).",
+    )
+    partition_file: str = Field(
+        "", description="partition = 'file': a JSON of per-client train/test index lists into the "
+        "data set (fashion-mnist, cifar10, cifar100), or, with dataset 'pfllib', PFLlib's folder "
+        "(config.json, train/<i>.npz, test/<i>.npz) read as it is.",
     )
     classes_per_client: int = Field(
         2, ge=1, description="s, classes per client for 'pathological' (official shard_per_user=2)."
@@ -150,6 +180,20 @@ class RunConfig(BaseModel):
         description="Directory with the IDX files; empty = $FEDREP_DATA_DIR, then Debian's "
         "/usr/share/datasets/fashion-mnist, then download.",
     )
+
+    augment: bool = Field(
+        True, description="CIFAR-10/100: random crop (padding 4) and horizontal flip of train "
+        "images, as the official train transform (utils/train_utils.py trans_cifar*_train); no "
+        "effect on other data sets. Turns off head-feature caching (features change every epoch).")
+    femnist_classes: Literal["digits", "letters-a-j", "all"] = Field(
+        "digits", description="femnist: which LEAF classes to keep, relabelled from 0. The official "
+        "script trains a 10-class model (scripts/FedRep_femnist.sh --num_classes 10) on a selection "
+        "it does not publish (main_fedrep.py reads data/mytrain); 'digits' are the only ten LEAF "
+        "labels such a model takes unchanged (0-9); 'letters-a-j', or 'all' 62 classes.")
+    lstm_input: Literal["words", "official-view"] = Field(
+        "words", description="sent140 'lstm': 'words' feeds 25 steps of 300-d word vectors; "
+        "'official-view' reproduces the official forward's emb.view(300, batch, 25) (models/Nets.py "
+        "RNNSent), which reinterprets that memory as 300 steps of 25 numbers.")
 
     model_width: int = Field(
         0, ge=0, description="cnn-bn: channels of the first conv layer (0 = 32; 64 is the official "
@@ -246,6 +290,23 @@ class RunConfig(BaseModel):
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, values: Any) -> Any:
+        """A data set given without a model or partition gets its own (the official model; LEAF's
+        users as clients; a PFLlib folder's clients), so `--set dataset=sent140` is a whole run."""
+        if not isinstance(values, dict):
+            return values
+        dataset = values.get("dataset", "fashion-mnist")
+        if dataset not in DATASET_MODELS:
+            return values
+        out = dict(values)
+        if "model" not in out:
+            out["model"] = DATASET_MODELS[dataset][0]
+        if "partition" not in out and dataset in (*NATURAL_CLIENTS, "pfllib"):
+            out["partition"] = "file" if dataset == "pfllib" else "natural"
+        return out
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
@@ -286,7 +347,8 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"model {self.model!r} does not fit dataset {self.dataset!r}; use one of {models}"
             )
-        n_classes = DATASET_NUM_CLASSES[self.dataset]
+        self._check_partition()
+        n_classes = self.num_classes()
         if (
             self.dataset != "linear-synthetic"
             and self.partition == "pathological"
@@ -319,6 +381,32 @@ class RunConfig(BaseModel):
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
         return self
+
+    def _check_partition(self) -> None:
+        if (self.dataset in NATURAL_CLIENTS) != (self.partition == "natural"):
+            raise ValueError(
+                f"partition={self.partition!r} with dataset={self.dataset!r}: LEAF's data sets "
+                f"({', '.join(NATURAL_CLIENTS)}) and only they use partition='natural' (their users "
+                "are the clients)")
+        if self.partition == "file":
+            if not self.partition_file:
+                raise ValueError("partition='file' needs partition-file: a fedrep JSON of index "
+                                 "lists, or a PFLlib folder (with dataset='pfllib')")
+            if self.dataset not in (*INDEXABLE, "pfllib"):
+                raise ValueError(f"partition='file' reads clients of {', '.join(INDEXABLE)} (JSON index "
+                                 f"lists) or a PFLlib folder (dataset='pfllib'), not {self.dataset!r}")
+        elif self.dataset == "pfllib":
+            raise ValueError("dataset='pfllib' reads a PFLlib folder: set partition='file' and "
+                             "partition-file=FOLDER")
+        elif self.partition_file:
+            raise ValueError(f"partition-file is set, but partition={self.partition!r}; set "
+                             "partition='file' to use it, or leave partition-file empty")
+
+    def num_classes(self) -> int:
+        """Classes of the data set (0 for a PFLlib folder, whose config.json says)."""
+        if self.dataset == "femnist":
+            return FEMNIST_CLASS_COUNTS[self.femnist_classes]
+        return DATASET_NUM_CLASSES[self.dataset]
 
     def domain_layout(self) -> list[str]:
         """Multi-domain sets: the domain of each partition, target first."""

@@ -94,7 +94,8 @@ class ClientUpdateRule(ABC):
         the received shared parameters already loaded (proximal anchors are taken here)."""
 
     def fit(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> LocalResult:
-        return run_phases(model, data.x_train, data.y_train, self.phases(model), self.cfg, generator)
+        return run_phases(model, data.x_train, data.y_train, self.phases(model), self.cfg, generator,
+                          data.augment)
 
     def evaluate(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> EvalResult:
         """Local test metrics of this client's model. Personalization by fine-tuning
@@ -121,5 +122,5 @@ class ClientUpdateRule(ABC):
                               generator: torch.Generator) -> EvalResult:
         """Fine-tune in place (the caller discards the result) and evaluate."""
         run_phases(model, data.x_train, data.y_train, self.finetune_phases(model, epochs),
-                   self.cfg, generator)
+                   self.cfg, generator, data.augment)
         return evaluate(model, data.x_test, data.y_test)

@@ -125,13 +125,16 @@ def run_phases(
     phases: Iterable[Phase],
     cfg: RunConfig,
     generator: torch.Generator,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> LocalResult:
-    """Run the phases in order with one optimizer.
+    """Run the phases in order with one optimizer; ``augment`` (CIFAR's crop + flip) transforms
+    each train batch with draws from ``generator``.
 
-    A phase that trains only the head, on a body without dropout or batch statistics, sees the
-    same body output for a sample in every epoch; those features are computed once and the
-    epochs run on the head alone (exact up to float reassociation; ``cache-head-features=false``
-    turns it off). For FedRep's tau_h=10 head epochs this removes most of the local FLOPs."""
+    A phase that trains only the head, on a body without dropout or batch statistics and on
+    inputs that are not augmented, sees the same body output for a sample in every epoch; those
+    features are computed once and the epochs run on the head alone (exact up to float
+    reassociation; ``cache-head-features=false`` turns it off). For FedRep's tau_h=10 head
+    epochs this removes most of the local FLOPs."""
     optimizer = make_optimizer(model, cfg)
     model.train()
     n, min_size = len(y), min_batch_size(model)
@@ -139,14 +142,16 @@ def run_phases(
     for phase in phases:
         set_trainable(model, phase.trainable)
         inputs, forward = x, phase.forward or model
-        if (cfg.cache_head_features and phase.forward is None and phase.epochs > 1
-                and _head_only(model, phase.trainable) and model.body_is_deterministic()):
+        if (cfg.cache_head_features and augment is None and phase.forward is None
+                and phase.epochs > 1 and _head_only(model, phase.trainable)
+                and model.body_is_deterministic()):
             inputs, forward = body_features(model, x), model.head
         for _ in range(phase.epochs):
             total, count = 0.0, 0
             for idx in shuffled_batches(n, cfg.batch_size, generator, min_size):
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model, forward(inputs[idx]), y[idx])
+                batch = inputs[idx] if augment is None else augment(inputs[idx], generator)
+                loss = loss_fn(model, forward(batch), y[idx])
                 objective = loss if phase.penalty is None else loss + phase.penalty()
                 objective.backward()
                 optimizer.step()

@@ -9,15 +9,22 @@ no data loading after the first contact.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedrep.config import MULTI_DOMAIN, RunConfig, domain_layout, domain_share
+from fedrep.config import DATASET_NUM_CLASSES, MULTI_DOMAIN, RunConfig, domain_layout, domain_share
 from fedrep.data import fashion_mnist, partition
+from fedrep.data.store import Split
 from fedrep.data.synthetic import client_linear_data
+from fedrep.data.transforms import CIFAR_STATS, CropFlip, normalized_chw
+
+# A train-time augmentation: a batch of inputs and the round's generator -> augmented batch.
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 LINEAR_TEST_SAMPLES = 100
@@ -31,6 +38,8 @@ class ClientData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    # Applied to each train batch (CIFAR's official crop + flip); None = inputs as they are.
+    augment: Augment | None = field(default=None, compare=False)
 
     @property
     def num_train(self) -> int:
@@ -47,6 +56,9 @@ class DataKey:
 
     dataset: str
     partition: str
+    partition_file: str
+    augment: bool
+    femnist_classes: str
     num_clients: int
     classes_per_client: int
     dirichlet_alpha: float
@@ -70,22 +82,33 @@ class DataKey:
 
 
 @lru_cache(maxsize=4)
-def _fashion_splits(data_dir: str) -> tuple[fashion_mnist.Split, fashion_mnist.Split]:
-    return fashion_mnist.load(data_dir or None)
+def centralised_splits(dataset: str, data_dir: str) -> tuple[Split, Split]:
+    """(train, test) of a data set that comes as one pool which fedrep partitions."""
+    if dataset == "fashion-mnist":
+        return fashion_mnist.load(data_dir or None)
+    from fedrep.data import cifar
+
+    return cifar.load(dataset, data_dir or None)
 
 
 @lru_cache(maxsize=8)
 def partitions(key: DataKey) -> tuple[partition.ClientIndices, ...]:
-    """All clients' index sets for a Fashion-MNIST run (cheap: label arrays only)."""
-    train, test = _fashion_splits(key.data_dir)
+    """All clients' index sets for a partitioned data set (cheap: label arrays only)."""
+    train, test = centralised_splits(key.dataset, key.data_dir)
     train_labels, test_labels = np.asarray(train.labels), np.asarray(test.labels)
-    if key.partition == "pathological":
+    classes = DATASET_NUM_CLASSES[key.dataset]
+    if key.partition == "file":
+        from fedrep.data.partition_file import read_index_partition
+
+        parts = read_index_partition(Path(key.partition_file), key.num_clients, len(train_labels),
+                                     len(test_labels), key.dataset)
+    elif key.partition == "pathological":
         parts = partition.pathological(
-            train_labels, test_labels, key.num_clients, key.classes_per_client, key.seed
+            train_labels, test_labels, key.num_clients, key.classes_per_client, key.seed, classes
         )
     elif key.partition == "dirichlet":
         parts = partition.dirichlet(
-            train_labels, test_labels, key.num_clients, key.dirichlet_alpha, key.seed
+            train_labels, test_labels, key.num_clients, key.dirichlet_alpha, key.seed, classes
         )
     else:
         parts = partition.iid(len(train_labels), len(test_labels), key.num_clients, key.seed)
@@ -99,9 +122,55 @@ def _cap(indices: np.ndarray, cap: int, seed: int, client: int, salt: int) -> np
     return np.sort(rng.choice(indices, size=cap, replace=False))
 
 
-def _images(images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+def _images(dataset: str, images: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    if dataset in CIFAR_STATS:
+        return normalized_chw(images[idx], *CIFAR_STATS[dataset])  # (N, 3, 32, 32)
     x = torch.from_numpy(np.asarray(images[idx], dtype=np.float32) / 255.0)
     return ((x - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1)  # (N, 1, 28, 28)
+
+
+def _augment(key: DataKey) -> Augment | None:
+    """The official train-time augmentation for CIFAR (``augment``); none elsewhere."""
+    if key.augment and key.dataset in CIFAR_STATS:
+        return CropFlip.for_normalized(*CIFAR_STATS[key.dataset])
+    return None
+
+
+@lru_cache(maxsize=2)
+def _leaf_clients(dataset: str, data_dir: str, num_clients: int, femnist_classes: str) -> tuple:
+    from fedrep.data import leaf
+
+    if dataset == "femnist":
+        return tuple(leaf.femnist_clients(data_dir or None, num_clients, femnist_classes)), None
+    clients, embeddings = leaf.sent140_clients(data_dir or None, num_clients)
+    return tuple(clients), torch.from_numpy(np.asarray(embeddings, dtype=np.float16))
+
+
+def _leaf_data(key: DataKey, client: int) -> ClientData:
+    """FEMNIST: LEAF's pixels as they are (the official code feeds them unnormalised), (n, 1, 28,
+    28). Sent140: each tweet as its 25 frozen GloVe vectors, (n, 25, 300) in float16 (the
+    official encoder is a fixed table; looking it up here keeps it off the wire and out of the
+    state dict; half precision halves the memory and the LSTM computes in float32)."""
+    clients, embeddings = _leaf_clients(key.dataset, key.data_dir, key.num_clients, key.femnist_classes)
+    user = clients[client]
+
+    def inputs(x: np.ndarray) -> torch.Tensor:
+        if embeddings is None:
+            return torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
+        return embeddings[torch.from_numpy(np.asarray(x, dtype=np.int64))]
+
+    return ClientData(inputs(user.x_train), torch.from_numpy(np.asarray(user.y_train, dtype=np.int64)),
+                      inputs(user.x_test), torch.from_numpy(np.asarray(user.y_test, dtype=np.int64)))
+
+
+def _pfllib_data(key: DataKey, client: int) -> ClientData:
+    """A PFLlib client's arrays as PFLlib's generator saved them (already normalised)."""
+    from fedrep.data.partition_file import load_pfllib_client
+
+    x_train, y_train, x_test, y_test = load_pfllib_client(Path(key.partition_file), client)
+    return ClientData(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                        (x_train.astype(np.float32), y_train.astype(np.int64),
+                         x_test.astype(np.float32), y_test.astype(np.int64))))
 
 
 def _labels(labels: np.ndarray, idx: np.ndarray) -> torch.Tensor:
@@ -161,14 +230,44 @@ def _client_data(key: DataKey, client: int) -> ClientData:
                 key.seed,
             )
         )
-    train, test = _fashion_splits(key.data_dir)
+    if key.dataset in ("femnist", "sent140"):
+        return _capped(_leaf_data(key, client), key, client)
+    if key.dataset == "pfllib":
+        return _capped(_pfllib_data(key, client), key, client)
+    train, test = centralised_splits(key.dataset, key.data_dir)
     part = partitions(key)[client]
     tr = _cap(part.train, key.max_train_per_client, key.seed, client, 0x7A)
     te = _cap(part.test, key.max_test_per_client, key.seed, client, 0x7E)
     return ClientData(
-        _images(train.images, tr), _labels(train.labels, tr),
-        _images(test.images, te), _labels(test.labels, te),
+        _images(key.dataset, train.images, tr), _labels(train.labels, tr),
+        _images(key.dataset, test.images, te), _labels(test.labels, te), _augment(key),
     )
+
+
+def _capped(data: ClientData, key: DataKey, client: int) -> ClientData:
+    """max-train/test-per-client on data whose clients come with it (LEAF, PFLlib)."""
+    tr = _cap(np.arange(data.num_train), key.max_train_per_client, key.seed, client, 0x7A)
+    te = _cap(np.arange(data.num_test), key.max_test_per_client, key.seed, client, 0x7E)
+    if len(tr) == data.num_train and len(te) == data.num_test:
+        return data
+    tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
+    return replace(data, x_train=data.x_train[tr_t], y_train=data.y_train[tr_t],
+                   x_test=data.x_test[te_t], y_test=data.y_test[te_t])
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Locate and verify the run's files and build its clients' split, in this process, before
+    any client starts: a missing or malformed file is one line naming it, not an error in every
+    Ray worker. Results stay cached, so in-process clients pay nothing twice."""
+    key = DataKey.of(cfg)
+    if key.dataset in ("fashion-mnist", *CIFAR_STATS):
+        partitions(key)
+    elif key.dataset in ("femnist", "sent140"):
+        _leaf_clients(key.dataset, key.data_dir, key.num_clients, key.femnist_classes)
+    elif key.dataset == "pfllib":
+        from fedrep.data.partition_file import check_pfllib
+
+        check_pfllib(Path(key.partition_file), key.num_clients)
 
 
 def load_client_data(cfg: RunConfig, client: int, device: str = "cpu") -> ClientData:
@@ -184,4 +283,5 @@ def load_client_data(cfg: RunConfig, client: int, device: str = "cpu") -> Client
 @lru_cache(maxsize=CLIENT_CACHE_SIZE)
 def _on_device(key: DataKey, client: int, device: str) -> ClientData:
     data = _client_data(key, client)
-    return ClientData(*(t.to(device) for t in (data.x_train, data.y_train, data.x_test, data.y_test)))
+    return replace(data, **{name: getattr(data, name).to(device)
+                            for name in ("x_train", "y_train", "x_test", "y_test")})
