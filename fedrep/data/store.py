@@ -181,8 +181,9 @@ def load_npy_object(stream: BinaryIO) -> Any:
     with :func:`safe_unpickle` instead of ``np.load(allow_pickle=True)``."""
     major, _ = np.lib.format.read_magic(stream)
     header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-    shape, _, dtype = header(stream)
+    shape, fortran, dtype = header(stream)
     if dtype != np.dtype(object):
-        return np.lib.format.read_array(stream, allow_pickle=False).reshape(shape)
+        flat = np.frombuffer(stream.read(), dtype=dtype, count=int(np.prod(shape)))
+        return flat.reshape(shape, order="F" if fortran else "C")
     array = safe_unpickle(stream.read(), encoding="latin1")
     return array.item() if isinstance(array, np.ndarray) and array.shape == () else array
