@@ -12,6 +12,7 @@ from conftest import fedrep_cli
 from fedrep.data.partition_file import write_index_partition
 from fedrep.results import RunDir
 from fixtures_cifar import write_cifar_folder
+from fixtures_leaf import write_glove, write_leaf_femnist, write_leaf_sent140
 from fixtures_partitions import disjoint_parts, write_pfllib_folder
 
 FAST = ["--rounds", "2", "--set", "head-epochs=1", "--set", "final-finetune-epochs=1",
@@ -45,6 +46,48 @@ def test_cifar_runs_end_to_end_with_the_official_model(tmp_path: Path, dataset: 
     rows = run.read_metrics()
     assert [r["round"] for r in rows] == [1, 2] and 0 <= rows[-1]["accuracy-mean"] <= 1
     assert len(_sizes(run, "train")) == 4
+
+
+@pytest.mark.e2e
+def test_femnist_replays_leaf_writers_as_clients(tmp_path: Path):
+    users = {"w3": ([0, 1, 1, 2, 9, 45], [1, 2]), "w1": ([3] * 9, [3, 3, 3]),  # 45 = 'j': filtered out
+             "w9": ([40], [41]),  # letters only: no digit sample, skipped
+             "w2": ([4, 5, 6, 7], [7]), "w5": ([8, 8], [8])}
+    write_leaf_femnist(tmp_path / "leaf", users, files=2)
+    fedrep_cli("run", "--dataset", "femnist", "--data-dir", str(tmp_path / "leaf" / "data"),
+               "--num-clients", "3", "--out", str(tmp_path / "runs"), *FAST)
+    run = _run_folder(tmp_path / "runs")
+    cfg = run.saved_config()
+    assert (cfg.model, cfg.partition, cfg.femnist_classes) == ("mlp", "natural", "digits")
+    # the first three users with digit samples, in LEAF's order: w3, w1, w2
+    assert _sizes(run, "train") == {0: 5, 1: 9, 2: 4}
+    assert _sizes(run, "evaluate") == {0: 2, 1: 3, 2: 1}
+
+
+@pytest.mark.e2e
+def test_sent140_runs_on_leaf_tweets_and_glove_vectors(tmp_path: Path):
+    tweets = {"alice": ([("good day :)", 1), ("bad day", 0), ("so good", 1)], [("good", 1)]),
+              "bob": ([("awful traffic", 0), ("great food", 1)], [("awful", 0), ("great", 1)])}
+    write_leaf_sent140(tmp_path / "leaf", tweets, files=1)
+    write_glove(tmp_path / "leaf" / "data" / "glove.6B.300d.txt", ["good", "bad", "day", "so", "great"])
+    fedrep_cli("run", "--dataset", "sent140", "--data-dir", str(tmp_path / "leaf" / "data"),
+               "--num-clients", "2", "--out", str(tmp_path / "runs"), "--set", "batch-size=4", *FAST)
+    run = _run_folder(tmp_path / "runs")
+    assert run.saved_config().model == "lstm"
+    assert _sizes(run, "train") == {0: 3, 1: 2} and _sizes(run, "evaluate") == {0: 1, 1: 2}
+    shared = {name for row in run.read_audit() if row["kind"] == "train" for name in row["arrays"]}
+    assert shared == {f"arrays/body.{k}" for k in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0",
+                                                     "rnn.bias_hh_l0", "fc.weight", "fc.bias")}  # not the head
+
+
+def test_missing_glove_stops_the_run_before_anything_starts(tmp_path: Path):
+    write_leaf_sent140(tmp_path / "leaf", 3, files=1)
+    proc = fedrep_cli("run", "--dataset", "sent140", "--data-dir", str(tmp_path / "leaf" / "data"),
+                      "--num-clients", "2", "--out", str(tmp_path / "runs"), check=False, timeout=60)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "glove.6B.300d.txt" in line and "embs.json" in line
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.e2e
