@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fedrep.data import cifar
+from fedrep.data.store import DataError, cache_dir, sha256_of
 from fixtures_cifar import (
     LAYOUTS,
     batch_dict,
@@ -22,9 +25,6 @@ from fixtures_cifar import (
     write_cifar_folder,
     write_pickle,
 )
-
-from fedrep.data import cifar
-from fedrep.data.store import DataError, cache_dir, sha256_of
 
 
 @pytest.fixture(autouse=True)

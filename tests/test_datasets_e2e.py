@@ -77,7 +77,7 @@ def test_sent140_runs_on_leaf_tweets_and_glove_vectors(tmp_path: Path):
     assert _sizes(run, "train") == {0: 3, 1: 2} and _sizes(run, "evaluate") == {0: 1, 1: 2}
     shared = {name for row in run.read_audit() if row["kind"] == "train" for name in row["arrays"]}
     assert shared == {f"arrays/body.{k}" for k in ("rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0",
-                                                     "rnn.bias_hh_l0", "fc.weight", "fc.bias")}  # not the head
+                                                     "rnn.bias_hh_l0", "fc.weight", "fc.bias")}  # no head
 
 
 def test_missing_glove_stops_the_run_before_anything_starts(tmp_path: Path):

@@ -10,13 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_partitions import (
-    RunsCommand,
-    disjoint_parts,
-    pfllib_client_data,
-    write_npz,
-    write_pfllib_folder,
-)
 
 from fedrep.config import ConfigError
 from fedrep.data import partition_file as pf
@@ -32,6 +25,13 @@ from fedrep.data.partition_file import (
     write_index_partition,
 )
 from fedrep.data.store import DataError
+from fixtures_partitions import (
+    RunsCommand,
+    disjoint_parts,
+    pfllib_client_data,
+    write_npz,
+    write_pfllib_folder,
+)
 
 SIZES = [(30, 10), (7, 3), (12, 0)]  # the last client has an empty test split, which is allowed
 
