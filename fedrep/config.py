@@ -48,6 +48,17 @@ DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "sent140": ("lstm",),  # official RNNSent
     "pfllib": ("fedavg-cnn", "cnn", "mlp"),  # PFLlib's own CNN first
 }
+# What the official FedRep script for a data set sets differently from our defaults (which are
+# scripts/FedRep_cifar10_2shards.sh: n=100, s=2, 10 head + 1 body epochs, batch 10, lr 0.01).
+# Applied when the data set is given and the key is not (so `fedrep run --dataset femnist` is the
+# official FEMNIST setting); `num-rounds` stays short (10) for every data set. head-epochs is the
+# official --local_ep minus --local_rep_ep.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # scripts/FedRep_cifar100_20shards.sh, FedRep_femnist.sh, FedRep_sent140.sh
+    "cifar100": {"classes-per-client": 20, "head-epochs": 10, "body-epochs": 5},
+    "femnist": {"num-clients": 150, "head-epochs": 10, "body-epochs": 5},
+    "sent140": {"num-clients": 183, "head-epochs": 10, "body-epochs": 5, "batch-size": 4},
+}
 # Data sets whose clients are fixed by the data (LEAF's writers / Twitter users).
 NATURAL_CLIENTS = ("femnist", "sent140")
 # Data sets whose train/test arrays a JSON index partition file can point into.
@@ -294,7 +305,8 @@ class RunConfig(BaseModel):
     @classmethod
     def _dataset_defaults(cls, values: Any) -> Any:
         """A data set given without a model or partition gets its own (the official model; LEAF's
-        users as clients; a PFLlib folder's clients), so `--set dataset=sent140` is a whole run."""
+        users as clients; a PFLlib folder's clients) and the official script's settings
+        (:data:`DATASET_DEFAULTS`) for keys not given, so `--dataset sent140` is a whole run."""
         if not isinstance(values, dict):
             return values
         dataset = values.get("dataset", "fashion-mnist")
@@ -305,6 +317,9 @@ class RunConfig(BaseModel):
             out["model"] = DATASET_MODELS[dataset][0]
         if "partition" not in out and dataset in (*NATURAL_CLIENTS, "pfllib"):
             out["partition"] = "file" if dataset == "pfllib" else "natural"
+        for key, value in DATASET_DEFAULTS.get(dataset, {}).items():
+            if key not in out and key.replace("-", "_") not in out:
+                out[key] = value
         return out
 
     @field_validator("*", mode="before")
