@@ -141,3 +141,32 @@ def test_toml_value_round_trips_tables_with_any_key():
     assert tomllib.loads(f"v = {toml_value(value)}")["v"] == value
     with pytest.raises(ConfigError, match="strategy-options.nested: Extra inputs"):  # not a TOML error
         parse_run_config({"strategy": "fedprox", "strategy-options": {"nested": {"a": 1}}})
+
+
+def test_a_data_set_brings_its_official_model_partition_and_script_settings():
+    from fedrep.config import parse_run_config
+
+    sent = parse_run_config({"dataset": "sent140"})
+    assert (sent.model, sent.partition, sent.num_clients, sent.batch_size) == ("lstm", "natural", 183, 4)
+    assert (sent.head_epochs, sent.body_epochs) == (10, 5)  # FedRep_sent140.sh: local_ep 15, rep 5
+    femnist = parse_run_config({"dataset": "femnist", "num-clients": 20, "model": "femnist-cnn"})
+    assert (femnist.num_clients, femnist.model, femnist.num_classes()) == (20, "femnist-cnn", 10)
+    assert parse_run_config({"dataset": "cifar100"}).classes_per_client == 20
+    cifar10 = parse_run_config({"dataset": "cifar10"})
+    assert (cifar10.model, cifar10.head_epochs, cifar10.body_epochs, cifar10.augment) == ("cnn", 10, 1, True)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"dataset": "femnist", "partition": "iid"}, "use partition='natural'"),
+    ({"dataset": "cifar10", "partition": "natural"}, "use partition='natural'"),
+    ({"dataset": "cifar10", "partition": "file"}, "needs partition-file"),
+    ({"dataset": "sent140", "partition": "file", "partition-file": "x.json"}, "use partition='natural'"),
+    ({"dataset": "pfllib", "partition": "iid"}, "partition-file=FOLDER"),
+    ({"dataset": "cifar10", "partition-file": "x.json"}, "set partition='file'"),
+    ({"dataset": "sent140", "model": "cnn"}, "does not fit dataset 'sent140'"),
+])
+def test_data_set_and_partition_mismatches_name_the_fix(values: dict, message: str):
+    from fedrep.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(values)
