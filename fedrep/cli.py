@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", help="output folder (default runs/compare-<file name>)")
     comp.add_argument("--only", help="comma-separated subset of the file's strategies to run now; "
                       "the table still lists every finished one")
+    comp.add_argument("--seeds", metavar="S1,S2,...",
+                      help="run every strategy on every seed (OUT/seed-<s>/) and report mean ± std "
+                      "over seeds with the paired per-client differences")
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a run-config key for every strategy, over the file's, e.g. --set seed=2 "
                       "(repeatable; use another --out)")
@@ -423,15 +426,31 @@ def cmd_strategies(_: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give whole numbers separated by commas, e.g. --seeds 1,2,3"
+                          ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: give distinct seeds >= 0, e.g. --seeds 1,2,3")
+    return seeds
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedrep.compare import compare
+    from fedrep.compare import compare, compare_seeds
 
     path = Path(args.config)
     out = Path(args.out) if args.out else Path("runs") / f"compare-{path.stem}"
     settings = dict(parse_override(item) for item in args.set)
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
     args.interrupt_hint = f"rerun `fedrep compare {args.config}` with the same options to continue"
-    table = compare(path, out, [n.strip() for n in args.only.split(",")] if args.only else None,
-                    settings)
+    if args.seeds:
+        if "seed" in settings:
+            raise ConfigError("--seeds and --set seed=... together: give the seeds with --seeds only")
+        table = compare_seeds(path, out, _seed_list(args.seeds), only, settings)
+    else:
+        table = compare(path, out, only, settings)
     print(table.read_text())
     print(f"results: {out.resolve()}")
     return 0

@@ -37,6 +37,7 @@ from typing import Any
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedrep.algorithms.aggregate import PAPER_METRIC
 from fedrep.config import ConfigError, RunConfig, parse_run_config
 from fedrep.results import RunDir
 
@@ -193,6 +194,7 @@ def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
         "accuracy-mean": final.get("accuracy-mean"),
         "accuracy-std": final.get("accuracy-std"),
         "accuracy-finetuned-mean": final.get("accuracy-finetuned-mean"),
+        PAPER_METRIC: final.get(PAPER_METRIC),
         "loss-mean": final.get("loss-mean"),
         "wall-seconds": sum(r.get("round-seconds", 0.0) for r in rows),
         "bytes-per-client": (sent + received) / cfg.num_clients,
@@ -226,8 +228,8 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| strategy | final mean local acc. ± std | after head fine-tune | rounds | "
-             "wall time (s) | bytes per client |", "|---|---|---|---|---|---|"]
+    lines = ["| strategy | final mean local acc. ± std | after head fine-tune | paper's metric | rounds | "
+             "wall time (s) | bytes per client |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = (f"{_fmt(r['accuracy-mean'])} ± {_fmt(r['accuracy-std'])}"
                if r.get("accuracy-mean") is not None else f"loss {_fmt(r.get('loss-mean'))}")
@@ -236,8 +238,10 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
         if r.get("target-accuracy") is not None:
             acc = f"target {_fmt(r['target-accuracy'])} (all parties {acc})"
         lines.append(f"| {r['strategy']} | {acc} | {_fmt(r.get('accuracy-finetuned-mean'))} | "
-                     f"{r['rounds']} | {_fmt(r['wall-seconds'], 1)} | "
+                     f"{_fmt(r.get(PAPER_METRIC))} | {r['rounds']} | {_fmt(r['wall-seconds'], 1)} | "
                      f"{_bytes(r['bytes-per-client'])} |")
+    lines.append("\nPaper's metric: test-size-weighted mean local accuracy averaged over the last 10 "
+                 "rounds (official main_fedrep.py `accs10`; before the final head fine-tune).")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -440,3 +444,139 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
 
 def _completed(run_dir: Path) -> bool:
     return (run_dir / "state.json").is_file() and RunDir(run_dir).state()["status"] == "completed"
+
+
+# --- several seeds ------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (0 for one value); Nones for none."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def compare_seeds(path: Path, out: Path, seeds: list[int], only: list[str] | None = None,
+                  settings: dict[str, Any] | None = None) -> Path:
+    """Every strategy of the file on every seed (``OUT/seed-<s>/<strategy>/``, each seed a normal,
+    resumable comparison with its own table), then ``OUT/results.md``: per strategy the paper's
+    metric and the final accuracies as mean ± std over seeds, and the per-seed paired client
+    differences against the file's first strategy as mean ± std over seeds; ``OUT/accuracy.png``
+    draws each strategy's mean curve with its spread over seeds."""
+    spec, configs = load_comparison(path, settings={**(settings or {}), "seed": seeds[0]})
+    if spec.sweep:
+        raise ConfigError(f"{path}: --seeds and a [sweep] cannot be combined; run the sweep once per "
+                          "seed with --set seed=S --out DIR instead")
+    labels = list(configs)
+    failed: list[str] = []
+    for seed in seeds:
+        _, configs = load_comparison(path, settings={**(settings or {}), "seed": seed})
+        print(f"[fedrep compare] seed {seed}", file=sys.stderr, flush=True)
+        _compare_at(configs, out / f"seed-{seed}", only, failed)
+    runs = {(label, seed): RunDir((out / f"seed-{seed}" / label).resolve())
+            for label in labels for seed in seeds if _completed(out / f"seed-{seed}" / label)}
+    rows = seed_summary(labels, seeds, runs)
+    write_seed_table(rows, seeds, out)
+    plot_seeds(labels, seeds, runs, out)
+    if failed:
+        raise StrategyFailed(f"{len(failed)} run{'s' if len(failed) > 1 else ''} did not finish (the "
+                             f"tables in {out} have the others): " + "; ".join(failed))
+    return out / "results.md"
+
+
+def seed_summary(labels: list[str], seeds: list[int], runs: dict[tuple[str, int], RunDir]
+                 ) -> list[dict[str, Any]]:
+    """One row per strategy: mean/std over its finished seeds of the paper's metric, the final
+    mean local accuracy and the fine-tuned one, and of the per-seed paired difference (first
+    strategy minus this one, client by client at the last evaluation)."""
+    reference = labels[0]
+    rows = []
+    for label in labels:
+        done = [s for s in seeds if (label, s) in runs]
+        summaries = [summarize_run(label, runs[label, s]) for s in done]
+        row: dict[str, Any] = {"strategy": label, "seeds": len(done)}
+        for key in (PAPER_METRIC, "accuracy-mean", "accuracy-finetuned-mean"):
+            values = [float(x[key]) for x in summaries if x.get(key) is not None]
+            row[f"{key}-mean"], row[f"{key}-std"] = _mean_std(values)
+        diffs, better, worse = [], 0, 0
+        for s in done:
+            if label == reference or (reference, s) not in runs:
+                continue
+            pair = paired_differences({reference: final_client_metrics(runs[reference, s]),
+                                       label: final_client_metrics(runs[label, s])}, reference)
+            acc = next((p for p in pair if p["metric"] == "accuracy"), None)
+            if acc:
+                diffs.append(acc["mean-difference"])
+                better += acc["reference-better"]
+                worse += acc["reference-worse"]
+        row["paired-difference-mean"], row["paired-difference-std"] = _mean_std(diffs)
+        row["paired-seeds"], row["reference-better"], row["reference-worse"] = len(diffs), better, worse
+        rows.append(row)
+    return rows
+
+
+def write_seed_table(rows: list[dict[str, Any]], seeds: list[int], out: Path) -> None:
+    reference = rows[0]["strategy"]
+
+    def pm(row: dict[str, Any], key: str) -> str:
+        mean, std = row[f"{key}-mean"], row[f"{key}-std"]
+        return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+    lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± std over the seeds each strategy finished.", "",
+             f"| strategy | seeds | paper's metric | final mean local acc. | after head fine-tune | "
+             f"{reference} minus this, per client (mean ± std over seeds) | {reference} better / worse |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paired = ("-" if r["paired-difference-mean"] is None else
+                  f"{r['paired-difference-mean']:+.4f} ± {r['paired-difference-std']:.4f} "
+                  f"({r['paired-seeds']} seeds)")
+        wins = "-" if r["strategy"] == reference or not r["paired-seeds"] else \
+            f"{r['reference-better']} / {r['reference-worse']}"
+        lines.append(f"| {r['strategy']} | {r['seeds']} | {pm(r, PAPER_METRIC)} | {pm(r, 'accuracy-mean')} | "
+                     f"{pm(r, 'accuracy-finetuned-mean')} | {paired} | {wins} |")
+    lines += ["", "Paper's metric: test-size-weighted mean local accuracy averaged over the last 10 rounds "
+              "(official main_fedrep.py `accs10`). Paired: per seed, the mean over clients of the "
+              f"difference in final local accuracy ({reference} minus the strategy, same clients and "
+              "test images); better / worse counts clients over all seeds."]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_seeds(labels: list[str], seeds: list[int], runs: dict[tuple[str, int], RunDir], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label in labels:
+        curves: dict[int, list[float]] = {}
+        for seed in seeds:
+            if (label, seed) not in runs:
+                continue
+            for r in runs[label, seed].read_metrics(warn=False):
+                value = r.get("accuracy-weighted-mean", r.get("accuracy-mean"))
+                if value is not None:
+                    curves.setdefault(r["round"], []).append(float(value))
+        if not curves:
+            continue
+        rounds = sorted(curves)
+        stats = [_mean_std(curves[r]) for r in rounds]
+        mean = [m for m, _ in stats]
+        spread = [s for _, s in stats]
+        (line,) = ax.plot(rounds, mean, label=f"{label} ({max(len(v) for v in curves.values())} seeds)")
+        ax.fill_between(rounds, [m - s for m, s in zip(mean, spread, strict=True)],
+                        [m + s for m, s in zip(mean, spread, strict=True)], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean local accuracy (test-size-weighted)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -262,6 +262,10 @@ class RunConfig(BaseModel):
     )
     batch_size: int = Field(10, ge=1, description="Local batch size B (official local_bs=10).")
 
+    aggregation_weights: Literal["samples", "equal", "official"] = Field(
+        "samples", description="How the server weights the clients' shared parameters: by train "
+        "sample count (FedAvg's rule), 'equal', or 'official': as the official main_fedrep.py "
+        "(lens = ones for CIFAR/MNIST: equal; LEAF: sample counts). Identical on equal shards.")
     cache_head_features: bool = Field(
         True,
         description="Compute body features once per local update for head-only epochs when the "
@@ -416,6 +420,12 @@ class RunConfig(BaseModel):
         elif self.partition_file:
             raise ValueError(f"partition-file is set, but partition={self.partition!r}; set "
                              "partition='file' to use it, or leave partition-file empty")
+
+    def equal_aggregation(self) -> bool:
+        """Whether clients' shared parameters are averaged with equal weights."""
+        if self.aggregation_weights == "official":
+            return self.dataset not in NATURAL_CLIENTS
+        return self.aggregation_weights == "equal"
 
     def num_classes(self) -> int:
         """Classes of the data set (0 for a PFLlib folder, whose config.json says)."""

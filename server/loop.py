@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedrep import runlock
+from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACCURACY, last_rounds_mean
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
 from fedrep.models import build_model
@@ -158,6 +159,14 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     if warning:
         parts.append(warning)
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
+
+
+def evaluates(cfg: RunConfig, server_round: int) -> bool:
+    """Evaluate every ``eval-every`` rounds, and every round of the last 10 of a classification
+    task: the paper's metric averages those (official main_fedrep.py tests when ``iter >=
+    epochs - 10``); the regression task has no accuracy to average."""
+    last = server_round > cfg.num_rounds - PAPER_WINDOW and cfg.dataset != "linear-synthetic"
+    return server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds or last
 
 
 def check_finite(server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, Any]) -> None:
@@ -304,6 +313,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
           f"{cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''} -> {run.path}",
           file=sys.stderr, flush=True)
     started = time.perf_counter()
+    weighted = {r["round"]: r.get(WEIGHTED_ACCURACY) for r in run.read_metrics(warn=False)}
     for server_round in range(last + 1, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         audit.server_round = server_round
@@ -332,7 +342,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         row: dict[str, Any] = {"round": server_round}
         row.update(dict(train_metrics or {}))
         row["bytes-sent"] = sent
-        if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+        if evaluates(cfg, server_round):
             eval_record = new_arrays  # the aggregate, already a record
             eval_config = ConfigRecord({"run-dir": str(run.path)})
             if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
@@ -342,6 +352,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
                 server_round, audit.send_and_receive(eval_msgs, timeout=timeout))
             row.update(dict(eval_metrics or {}))
             row["bytes-sent"] += eval_record.count_bytes() * len(eval_msgs)
+        weighted[server_round] = row.get(WEIGHTED_ACCURACY)
+        paper = last_rounds_mean(weighted, server_round)
+        if paper is not None:
+            row[PAPER_METRIC] = paper
         if b_star is not None and "body.weight" in arrays:
             row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
         events = strategy.drain_events() if hasattr(strategy, "drain_events") else []
@@ -361,6 +375,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         for line in _event_lines(events):
             print(f"[fedrep] {line}", file=sys.stderr, flush=True)
     run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
+    paper = last_rounds_mean(weighted, cfg.num_rounds)
+    if paper is not None:
+        print(f"[fedrep] the paper's metric (test-size-weighted mean local accuracy, averaged over the "
+              f"last {min(PAPER_WINDOW, cfg.num_rounds)} rounds): {paper:.4f}", file=sys.stderr, flush=True)
     plot = plot_run(run.path)
     print(f"[fedrep] done: metrics {run.metrics_file}, plot {plot}", file=sys.stderr, flush=True)
     return run

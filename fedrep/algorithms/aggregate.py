@@ -44,3 +44,22 @@ def summarize(values: Sequence[float], weights: Sequence[float] | None = None) -
         w = np.asarray(weights, dtype=np.float64)
         out["weighted-mean"] = float((arr * w).sum() / w.sum())
     return out
+
+
+# The paper's headline number (official main_fedrep.py ``accs10``): the test-size-weighted mean
+# local accuracy, averaged over the last 10 training rounds (evaluated every round there).
+PAPER_WINDOW = 10
+PAPER_METRIC = "accuracy-last10"
+WEIGHTED_ACCURACY = "accuracy-weighted-mean"
+
+
+def last_rounds_mean(per_round: Mapping[int, float | None], server_round: int,
+                     window: int = PAPER_WINDOW) -> float | None:
+    """Mean of ``per_round[r]`` over the ``window`` rounds ending at ``server_round`` (all rounds
+    so far when fewer have run); None unless every one of them has a value. The official code
+    divides by 10 even when fewer rounds ran (``accs10 += acc_test/10``); we average what ran."""
+    rounds = range(max(1, server_round - window + 1), server_round + 1)
+    values = [per_round.get(r) for r in rounds]
+    if any(v is None for v in values):
+        return None
+    return float(np.mean(np.asarray(values, dtype=np.float64)))

@@ -12,7 +12,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
 from fedrep.algorithms.base import ClientUpdateRule, all_params
 from fedrep.algorithms.training import Phase, batchnorm_layers
@@ -83,5 +86,41 @@ class FedPerUpdate(SplitUpdate):
     default_personal = ("head",)
 
 
+class LGFedAvgOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    global_layers: Literal["official", "head"] = Field(
+        "official", description="'official': the layers the official FedRep code shares for "
+        "LG-FedAvg (main_fedrep.py, alg 'lg'): the top two fully connected layers (the paper's CNN: "
+        "fc2, fc3; the MLP: the last hidden and the output layer; Sent140's LSTM: the LSTM's input "
+        "weights and the decoder); 'head': only the head (fedrep before 0.9).")
+
+
+def official_lg_keys(model: SplitModel) -> list[str]:
+    """LG-FedAvg's global (shared) state-dict keys as the official code chooses them: the head
+    and the body's last ``nn.Linear``; for the Sent140 LSTM the official ``net_keys[0, 6, 7]``
+    (``rnn.weight_ih_l0``, ``decoder.weight``, ``decoder.bias``)."""
+    from fedrep.models.lstm import Sent140LSTM
+
+    if isinstance(model, Sent140LSTM):
+        wanted = {"body.rnn.weight_ih_l0", "head.weight", "head.bias"}
+        return [k for k in model.state_dict() if k in wanted]
+    linears = [name for name, m in model.body.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"LG-FedAvg 'official' shares the body's last fully connected layer and the "
+                         f"head; {type(model).__name__} has no fully connected layer in its body. Use "
+                         "strategy-options={global_layers = \"head\"}")
+    prefixes = (f"body.{linears[-1]}", "head")
+    return [k for k in model.state_dict() if _is_personal(k, prefixes)]
+
+
 class LGFedAvgUpdate(SplitUpdate):
+    """Local representation, global top layers; trained jointly for ``local-epochs``."""
+
     default_personal = ("body",)
+
+    def shared_keys(self, model: SplitModel) -> list[str]:
+        layers = self.options.global_layers if isinstance(self.options, LGFedAvgOptions) else "official"
+        if layers == "head":
+            return [k for k in model.state_dict() if not _is_personal(k, ("body",))]
+        return official_lg_keys(model)

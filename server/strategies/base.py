@@ -216,7 +216,8 @@ class SharedAveraging(Strategy):
         if not ok:
             return None, None
         updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
-        averaged = weighted_average(updates)
+        equal = self.cfg.equal_aggregation()  # aggregation-weights
+        averaged = weighted_average([(a, 1.0) for a, _ in updates] if equal else updates)
         finite = [(float(r.content[METRICS]["train-loss"]), w) for r, (_, w) in zip(ok, updates, strict=True)
                   if math.isfinite(float(r.content[METRICS]["train-loss"]))]
         metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
@@ -248,9 +249,11 @@ class SharedAveraging(Strategy):
             "eval-untrained": len(metrics) - len(trained),
         }
         for key in ("loss", "accuracy", "loss-finetuned", "accuracy-finetuned"):
-            values = [float(m[key]) for m in metrics if key in m]
-            if values:
-                out.update({f"{key}-{stat}": v for stat, v in summarize(values).items()})
+            pairs = [(float(m[key]), float(m.get(NUM_EXAMPLES, 0))) for m in metrics if key in m]
+            if pairs:  # mean over clients (ours) and weighted by test-set size (the paper's)
+                values, sizes = zip(*pairs, strict=True)
+                weights = sizes if sum(sizes) > 0 else None
+                out.update({f"{key}-{stat}": v for stat, v in summarize(values, weights).items()})
         # The paper's curves are dominated by clients that have trained at least once; with 10%
         # participation many have not in early rounds, and they still hold the initial head.
         values = [float(m["accuracy"]) for m in trained if "accuracy" in m]

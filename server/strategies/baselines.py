@@ -7,8 +7,9 @@ differs is the client half (what is shared, what is trained) and, for FedAvg+FT,
 from fedrep.algorithms.ditto import DittoOptions, DittoUpdate
 from fedrep.algorithms.fedavg import FedAvgFTOptions, FedAvgFTUpdate
 from fedrep.algorithms.fedprox import FedProxOptions, FedProxUpdate
-from fedrep.algorithms.local import LocalOnlyUpdate
-from fedrep.algorithms.split import FedPerUpdate, LGFedAvgUpdate, SplitOptions, SplitUpdate
+from fedrep.algorithms.local import LocalOnlyOptions, LocalOnlyUpdate, local_server_config
+from fedrep.algorithms.split import FedPerUpdate, LGFedAvgOptions, LGFedAvgUpdate, SplitOptions, SplitUpdate
+from fedrep.config import RunConfig
 from fedrep.registry import StrategyPlugin
 from server.strategies.base import SharedAveraging
 
@@ -26,8 +27,9 @@ FEDPER = StrategyPlugin(
 )
 LG_FEDAVG = StrategyPlugin(
     name="lg-fedavg",
-    description="LG-FedAvg (Liang et al., 2020): local representation (body), global head.",
-    server=SharedAveraging, client=LGFedAvgUpdate, config_keys=JOINT,
+    description="LG-FedAvg (Liang et al., 2020): local lower layers, global top layers (as the "
+    "official FedRep code: the top two fully connected layers).",
+    server=SharedAveraging, client=LGFedAvgUpdate, config_keys=JOINT, options=LGFedAvgOptions,
 )
 SPLIT = StrategyPlugin(
     name="split",
@@ -35,10 +37,15 @@ SPLIT = StrategyPlugin(
     "personalization as FedBN ('{personal = [], personal_batchnorm = true}', model cnn-bn).",
     server=SharedAveraging, client=SplitUpdate, config_keys=JOINT, options=SplitOptions,
 )
+def _local_server(cfg: RunConfig, options: object = None) -> SharedAveraging:
+    return SharedAveraging(local_server_config(cfg, options), options)
+
+
 LOCAL = StrategyPlugin(
     name="local",
-    description="Local-only: each client trains its own model; nothing is communicated.",
-    server=SharedAveraging, client=LocalOnlyUpdate, config_keys=JOINT,
+    description="Local-only: each client trains its own model; nothing is communicated (official "
+    "main_local.py schedule: every client, one epoch per round, no weight decay).",
+    server=_local_server, client=LocalOnlyUpdate, config_keys=JOINT, options=LocalOnlyOptions,
 )
 FEDPROX = StrategyPlugin(
     name="fedprox",
