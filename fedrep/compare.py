@@ -195,6 +195,7 @@ def summarize_run(name: str, run: RunDir) -> dict[str, Any]:
         "accuracy-std": final.get("accuracy-std"),
         "accuracy-finetuned-mean": final.get("accuracy-finetuned-mean"),
         PAPER_METRIC: final.get(PAPER_METRIC),
+        "new-clients-accuracy": final.get("new-clients-accuracy-finetuned-mean"),
         "loss-mean": final.get("loss-mean"),
         "wall-seconds": sum(r.get("round-seconds", 0.0) for r in rows),
         "bytes-per-client": (sent + received) / cfg.num_clients,
@@ -242,6 +243,10 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
                      f"{_bytes(r['bytes-per-client'])} |")
     lines.append("\nPaper's metric: test-size-weighted mean local accuracy averaged over the last 10 "
                  "rounds (official main_fedrep.py `accs10`; before the final head fine-tune).")
+    new = [r for r in rows if r.get("new-clients-accuracy") is not None]
+    if new:
+        lines.append("\nNew clients (held out of training, then trained from the final model): "
+                     + ", ".join(f"{r['strategy']} {_fmt(r['new-clients-accuracy'])}" for r in new) + ".")
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -262,6 +262,14 @@ class RunConfig(BaseModel):
     )
     batch_size: int = Field(10, ge=1, description="Local batch size B (official local_bs=10).")
 
+    new_clients: float = Field(
+        0.0, ge=0, lt=1, description="Share of the clients held out of training (the paper's "
+        "generalisation to new clients): they never train and are not evaluated during the run; "
+        "after the last round each trains from the final model for new-client-epochs (FedRep: a "
+        "head on the final representation; FedAvg+FT: its fine-tune) and reports new-clients-* "
+        "metrics.")
+    new_client_epochs: int = Field(
+        10, ge=1, description="Epochs each new (held-out) client trains after the run (new-clients).")
     aggregation_weights: Literal["samples", "equal", "official"] = Field(
         "samples", description="How the server weights the clients' shared parameters: by train "
         "sample count (FedAvg's rule), 'equal', or 'official': as the official main_fedrep.py "
@@ -397,6 +405,12 @@ class RunConfig(BaseModel):
             if self.malicious_domain and self.malicious_domain not in domains[1:]:
                 raise ValueError(
                     f"malicious-domain {self.malicious_domain!r} is not a source ({domains[1:]})")
+        if self.new_clients and self.dataset in MULTI_DOMAIN:
+            raise ValueError("new-clients holds clients out of training; a multi-domain set's "
+                             "clients are its domains: leave new-clients at 0")
+        if self.new_clients and round(self.new_clients * self.num_clients) >= self.num_clients:
+            raise ValueError(f"new-clients={self.new_clients} holds out every one of the "
+                             f"{self.num_clients} clients; use a smaller share")
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
         return self

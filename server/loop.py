@@ -32,6 +32,7 @@ from fedrep.results import (
     run_folder_failure_in,
 )
 from server.records import from_record, to_record
+from server.strategies.base import SharedAveraging
 
 
 class RunFolderFailure(RuntimeError):
@@ -159,6 +160,25 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     if warning:
         parts.append(warning)
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
+
+
+def _new_clients_metrics(cfg: RunConfig, strategy: Any, server_round: int, arrays: Any, run: RunDir,
+                         audit: AuditingGrid, timeout: float) -> dict[str, Any]:
+    """The paper's generalisation experiment, after the last round: each held-out client trains
+    from the final model for new-client-epochs (FedRep: a fresh head on the final representation)
+    and reports; their metrics as ``new-clients-*``."""
+    if not isinstance(strategy, SharedAveraging):
+        raise RuntimeError(f"new-clients: strategy {cfg.strategy!r} has no new-client evaluation "
+                           "(its server is not a SharedAveraging); set new-clients=0")
+    config = ConfigRecord({"run-dir": str(run.path)})
+    msgs = strategy.configure_new_clients(server_round, arrays, config, audit)
+    metrics = strategy.aggregate_evaluate(server_round, audit.send_and_receive(msgs, timeout=timeout))
+    out = {f"new-clients-{k}": v for k, v in dict(metrics or {}).items()}
+    if "new-clients-accuracy-finetuned-mean" in out:
+        print(f"[fedrep] {len(msgs)} new clients after {cfg.new_client_epochs} epochs from the final "
+              f"model: accuracy {out['new-clients-accuracy-finetuned-mean']:.4f} (weighted "
+              f"{out['new-clients-accuracy-finetuned-weighted-mean']:.4f})", file=sys.stderr, flush=True)
+    return out
 
 
 def evaluates(cfg: RunConfig, server_round: int) -> bool:
@@ -352,6 +372,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
                 server_round, audit.send_and_receive(eval_msgs, timeout=timeout))
             row.update(dict(eval_metrics or {}))
             row["bytes-sent"] += eval_record.count_bytes() * len(eval_msgs)
+        if server_round == cfg.num_rounds and cfg.new_clients > 0:
+            row.update(_new_clients_metrics(cfg, strategy, server_round, new_arrays, run, audit, timeout))
         weighted[server_round] = row.get(WEIGHTED_ACCURACY)
         paper = last_rounds_mean(weighted, server_round)
         if paper is not None:

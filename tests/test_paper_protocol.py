@@ -126,3 +126,36 @@ def test_every_paper_experiment_names_its_official_scripts_and_validates(path: P
     expected = {"cifar10-n1000-s2": 5, "fmnist-n1000-s2": 5, "femnist-n150": 5, "sent140-n183": 10}
     assert fedavg.local_epochs == expected.get(path.stem, 1)
     assert len(PAPER_EXPERIMENTS) == 11  # every Table 1 cell + the four Fashion-MNIST reruns
+
+
+def test_new_clients_are_a_seeded_share_never_everyone():
+    from fedrep.algorithms.sampling import new_clients
+
+    held = new_clients(100, 0.2, seed=1)
+    assert len(held) == 20 and held == new_clients(100, 0.2, seed=1) and held != new_clients(100, 0.2, 2)
+    assert new_clients(6, 0.01, 1) and len(new_clients(3, 0.9, 1)) == 2 and not new_clients(10, 0.0, 1)
+
+
+@pytest.mark.e2e
+def test_new_clients_train_only_after_the_run_from_the_final_model(tmp_path: Path, fmnist_dir: Path):
+    from fedrep.algorithms.sampling import new_clients
+
+    run_dir = tmp_path / "gen"
+    proc = fedrep_cli("run", *SMALL_FMNIST, "--rounds", "2", "--set", "new-clients=0.34",
+                      "--set", "new-client-epochs=3", "--set", f"run-dir={run_dir}")
+    held = new_clients(6, 0.34, seed=3)
+    assert len(held) == 2
+    run = RunDir(run_dir)
+    trained = {r["partition"] for r in _rows(run, "train")}
+    assert trained and not trained & held  # never trained during the run
+    evals = _rows(run, "evaluate")
+    last = [r for r in evals if r["round"] == 2]
+    assert {r["partition"] for r in evals if r["round"] == 1} == set(range(6)) - held
+    new = [r for r in last if r["partition"] in held]
+    assert len(new) == 2 and all("accuracy-finetuned" in r["metrics"] for r in new)
+    assert all(r["metrics"]["personal-restored"] in (0, 4) for r in new)  # a fresh head: never trained
+    row = run.read_metrics()[-1]
+    expected = sum(r["metrics"]["accuracy-finetuned"] for r in new) / 2
+    assert row["new-clients-accuracy-finetuned-mean"] == pytest.approx(expected)
+    assert row["eval-clients"] == 4  # the federation's own evaluation leaves them out
+    assert "new clients after 3 epochs" in proc.stderr

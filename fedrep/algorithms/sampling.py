@@ -30,3 +30,14 @@ def sample_clients(
         return ids.tolist()
     rng = np.random.default_rng([seed, 0x5A, server_round])
     return np.sort(rng.choice(ids, size=k, replace=False)).tolist()
+
+
+def new_clients(num_clients: int, share: float, seed: int) -> frozenset[int]:
+    """The partitions held out of training for the paper's generalisation experiment: a seeded
+    random ``round(share * n)`` of them (at least one when ``share > 0``). They never train and
+    are not evaluated during the run; after it, each learns from the final model alone."""
+    if share <= 0:
+        return frozenset()
+    k = min(num_clients - 1, max(1, round(share * num_clients)))
+    rng = np.random.default_rng([seed, 0x9E1D])
+    return frozenset(int(p) for p in rng.choice(num_clients, size=k, replace=False))

@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrep.algorithms.aggregate import summarize, weighted_average
-from fedrep.algorithms.sampling import sample_clients
+from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
 from server.records import from_record, to_record
 
@@ -155,6 +155,22 @@ class SharedAveraging(Strategy):
         events, self.events = self.events, []
         return events
 
+    def _federation(self, known: dict[int, int]) -> list[int]:
+        """The partitions that take part in training and evaluation: all but the new clients."""
+        held_out = new_clients(self.cfg.num_clients, self.cfg.new_clients, self.cfg.seed)
+        return [pid for pid in known.values() if pid not in held_out]
+
+    def configure_new_clients(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                              grid: Grid) -> list[Message]:
+        """Evaluate messages for the held-out new clients, each to train from the final model for
+        ``new-client-epochs`` first (the paper's generalisation experiment)."""
+        known = self.discover(grid)
+        held_out = new_clients(self.cfg.num_clients, self.cfg.new_clients, self.cfg.seed)
+        config["server-round"] = server_round
+        config["finetune-epochs"] = self.cfg.new_client_epochs
+        return self._messages(arrays, config, self._nodes_for(sorted(held_out & set(known.values()))),
+                              MessageType.EVALUATE)
+
     def _nodes_for(self, partitions: Iterable[int]) -> list[int]:
         node_of = {pid: node for node, pid in self.partition_of.items()}
         return [node_of[pid] for pid in partitions]
@@ -188,7 +204,8 @@ class SharedAveraging(Strategy):
     ) -> Iterable[Message]:
         self.server_round = server_round
         known = self.discover(grid)
-        chosen = sample_clients(self.cfg.seed, server_round, known.values(), self.cfg.fraction_train)
+        chosen = sample_clients(self.cfg.seed, server_round, self._federation(known),
+                                self.cfg.fraction_train)
         config["server-round"] = server_round
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
 
@@ -230,7 +247,7 @@ class SharedAveraging(Strategy):
     ) -> Iterable[Message]:
         known = self.discover(grid)
         # Salted round so evaluation sampling does not mirror training sampling.
-        chosen = sample_clients(self.cfg.seed + 7919, server_round, known.values(),
+        chosen = sample_clients(self.cfg.seed + 7919, server_round, self._federation(known),
                                 self.cfg.fraction_evaluate)
         config["server-round"] = server_round
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.EVALUATE)
