@@ -40,8 +40,8 @@ DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 
 DATASET_MODELS: dict[str, tuple[str, ...]] = {
     "fashion-mnist": ("cnn", "mlp", "cnn-bn", "fedavg-cnn"),
     "linear-synthetic": ("linear",),
-    "fmnist-domains": ("cnn-bn",),
-    "digit-five": ("cnn-bn",),
+    "fmnist-domains": ("cnn-bn", "kd3a-digit"),
+    "digit-five": ("cnn-bn", "kd3a-digit"),
     "cifar10": ("cnn", "fedavg-cnn", "mlp"),  # official get_model: CNNCifar (scripts/FedRep_cifar10_*)
     "cifar100": ("cnn-cifar100", "cnn", "fedavg-cnn", "mlp"),  # official: CNNCifar100
     "femnist": ("mlp", "femnist-cnn", "cnn", "fedavg-cnn"),  # official FedRep_femnist.sh: --model mlp
@@ -150,7 +150,7 @@ class RunConfig(BaseModel):
         "from Fashion-MNIST, offline) or 'digit-five' (KD3A's .mat files). See docs/data.md.",
     )
     model: Literal["cnn", "mlp", "linear", "cnn-bn", "cnn-cifar100", "fedavg-cnn", "femnist-cnn",
-                   "lstm"] = Field(
+                   "lstm", "kd3a-digit"] = Field(
         "cnn",
         description="Network; when not given, the official one for the data set (fashion-mnist, "
         "cifar10: cnn; cifar100: cnn-cifar100; femnist: mlp; sent140: lstm; pfllib: fedavg-cnn). "
@@ -159,7 +159,8 @@ class RunConfig(BaseModel):
         "'femnist-cnn' the official CNN_FEMNIST; 'lstm' the official Sent140 RNNSent; 'fedavg-cnn' "
         "PFLlib's FedAvgCNN (conv32-conv64-fc512); 'linear' the Sec. 5 model y = w^T B^T x; 'cnn-bn' "
         "a BatchNorm CNN (KD3A's digit network, narrowed) for 3x32x32 domains or 1x28x28 "
-        "Fashion-MNIST (BN-only personalization: strategy 'split' with personal_batchnorm).",
+        "Fashion-MNIST (BN-only personalization: strategy 'split' with personal_batchnorm); 'kd3a-digit' "
+        "KD3A's official Digit-Five network (model/digit5.py: conv 64-64-128, fc 8192-3072-2048).",
     )
 
     # --- federation and data split ------------------------------------------------------------

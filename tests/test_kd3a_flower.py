@@ -63,12 +63,13 @@ def test_teachers_vote_with_the_target_batch_statistics_as_the_official_code():
     target batch with that batch's own BN statistics. A constant brightness shift of the target
     then cannot change any vote (a valid conv of a constant is a per-channel constant, which the
     next BN subtracts); with the sources' running statistics it does."""
-    official = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions())
+    official = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(lr_schedule="constant"))
     plain, shifted = _adapt(official, torch.full((64,), WITHHELD_LABEL)), \
         _adapt(official, torch.full((64,), WITHHELD_LABEL), shift=3.0)
     for key in ("passed-fraction", "focus-1", "focus-2", "focus-3"):
         assert shifted.metrics[key] == pytest.approx(plain.metrics[key], rel=1e-4, abs=1e-6)
-    running = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(teacher_batchnorm="running"))
+    running = KD3ARule(parse_run_config(KD3A_CONFIG), KD3AOptions(teacher_batchnorm="running",
+                                                                          lr_schedule="constant"))
     assert _adapt(running, torch.full((64,), WITHHELD_LABEL), shift=3.0).metrics["passed-fraction"] != \
         pytest.approx(_adapt(running, torch.full((64,), WITHHELD_LABEL)).metrics["passed-fraction"], rel=1e-3)
     # The teachers' statistics, gathered on the target's batches, go back for aggregation.

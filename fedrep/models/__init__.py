@@ -13,12 +13,13 @@ from fedrep.models.cnn_cifar100 import CifarCNN100
 from fedrep.models.domain_cnn import DomainCNN
 from fedrep.models.fedavg_cnn import FedAvgCNN
 from fedrep.models.femnist_cnn import FemnistCNN
+from fedrep.models.kd3a_digit import KD3ADigitCNN
 from fedrep.models.linear import LinearRepresentation
 from fedrep.models.lstm import Sent140LSTM
 from fedrep.models.mlp import PaperMLP
 
-__all__ = ["SplitModel", "PaperCNN", "CifarCNN100", "DomainCNN", "FedAvgCNN", "FemnistCNN", "PaperMLP",
-           "LinearRepresentation", "Sent140LSTM", "build_model"]
+__all__ = ["SplitModel", "PaperCNN", "CifarCNN100", "DomainCNN", "FedAvgCNN", "FemnistCNN", "KD3ADigitCNN",
+           "PaperMLP", "LinearRepresentation", "Sent140LSTM", "build_model"]
 
 
 def build_model(cfg: RunConfig) -> SplitModel:
@@ -52,6 +53,8 @@ def _network(cfg: RunConfig, shape: tuple[int, ...], classes: int) -> SplitModel
         return PaperCNN(num_classes=classes, in_channels=shape[0], image_size=shape[1])
     if cfg.model == "fedavg-cnn" and image and shape[1] >= 16:
         return FedAvgCNN(num_classes=classes, in_channels=shape[0], image_size=shape[1])
+    if cfg.model == "kd3a-digit" and image and shape[1] == 32:
+        return KD3ADigitCNN(num_classes=classes, in_channels=shape[0])
     if cfg.model == "cnn-bn" and image:
         width = {"width": cfg.model_width} if cfg.model_width else {}
         return DomainCNN(num_classes=classes, in_channels=shape[0], image_size=shape[1], **width)

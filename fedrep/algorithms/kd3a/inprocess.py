@@ -42,7 +42,7 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
              on_round: Callable[[int, KD3ARun], None] | None = None) -> KD3ARun:
     """``rounds`` KD3A rounds (default ``cfg.num_rounds``); every source answers every round."""
     rule = KD3ARule(cfg, options)
-    model = build_model(cfg)
+    model = rule.prepare_model(build_model(cfg))
     shared_keys, personal_keys = rule.shared_keys(model), rule.personal_keys(model)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run = KD3ARun(shared={k: initial[k] for k in shared_keys},
@@ -54,7 +54,8 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
         for pid in range(1, num_sources + 1):
             model.load_state_dict({**run.shared, **run.personal[pid]})
             result = rule.train_source(model, load_client_data(cfg, pid),
-                                       round_generator(cfg.seed, server_round, pid, TRAIN))
+                                       round_generator(cfg.seed, server_round, pid, TRAIN),
+                                       {"server-round": server_round})
             run.personal[pid] = _copy(model, personal_keys)
             sources[pid] = result.arrays
         row: dict[str, float] = {"round": server_round}
@@ -68,7 +69,8 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
             result = rule.adapt_target(
                 model, load_client_data(cfg, TARGET_PARTITION),
                 {f"source-{p}": state for p, state in sources.items()}, gate, previous[1:].clone(),
-                round_generator(cfg.seed, server_round, TARGET_PARTITION, TRAIN))
+                round_generator(cfg.seed, server_round, TARGET_PARTITION, TRAIN),
+                {"server-round": server_round})
             run.personal[TARGET_PARTITION] = _copy(model, personal_keys)
             report = TargetReport(
                 arrays=result.arrays, passed_fraction=float(result.metrics["passed-fraction"]),
@@ -91,7 +93,7 @@ def target_accuracy(cfg: RunConfig, options: KD3AOptions, run: KD3ARun) -> float
     """Top-1 accuracy of the target's model (global extractor, its own classifier) on its
     labelled test split: labels used here only."""
     rule = KD3ARule(cfg, options)
-    model = build_model(cfg)
+    model = rule.prepare_model(build_model(cfg))
     model.load_state_dict({**run.shared, **run.personal[TARGET_PARTITION]})
     result = rule.evaluate(model, load_client_data(cfg, TARGET_PARTITION),
                            round_generator(cfg.seed, len(run.history), TARGET_PARTITION, EVAL))

@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from fedrep.algorithms.base import ClientUpdateRule, all_params
 from fedrep.algorithms.kd3a.batchnorm import bn_mmd_loss, bn_statistics_from_state, collect_bn_inputs
@@ -46,6 +47,7 @@ from fedrep.algorithms.kd3a.consensus import (
     subset_qualities,
 )
 from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
+from fedrep.algorithms.kd3a.schedule import official_cosine_lr
 from fedrep.algorithms.kd3a.vote import knowledge_vote
 from fedrep.algorithms.kd3a.weights import is_bn_buffer
 from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
@@ -84,6 +86,50 @@ class KD3AOptions(BaseModel):
     mixup_alpha: float = Field(2.0, gt=0, description="Beta(alpha, alpha) mixup on the target (official 2).")
     weight_momentum: float = Field(
         0.9, ge=0, lt=1, description="Moving average of domain weights across rounds (official 0.9).")
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="'cosine': the official schedule, lr_begin annealed to lr_end over the "
+        "run (main.py CosineAnnealingLR, config/DigitFive.yaml 0.05 -> 0.001); 'constant': the run's lr "
+        "every round (fedrep before 0.9).")
+    lr_begin: float = Field(0.05, gt=0, description="'cosine': the first rounds' learning rate.")
+    lr_end: float = Field(0.001, gt=0, description="'cosine': the learning rate approached at the end.")
+    optimizer_state: Literal["persistent", "per-round"] = Field(
+        "persistent", description="'persistent': each party keeps its SGD momentum across rounds, as the "
+        "official per-model optimisers do (main.py builds them once), stored with its personal state; "
+        "'per-round': a fresh optimiser each round (fedrep before 0.9).")
+    target_passes: Literal["one", "as-sources"] = Field(
+        "one", description="With rounds_per_epoch < 1 the sources train 1/r epochs per round; 'one': the "
+        "target one epoch (official train.py); 'as-sources': 1/r epochs too (fedrep before 0.9).")
+
+
+class WithMomentum(SplitModel):
+    """The party's model plus its SGD momentum buffers, one per parameter, as buffers of a
+    ``momentum`` submodule: they are state-dict entries, so they are personal (never shared) and
+    saved, restored and resumed with the party's other personal state."""
+
+    def __init__(self, model: SplitModel) -> None:
+        super().__init__(model.body, model.head)
+        self.task = model.task
+        self.momentum = nn.Module()
+        for name, param in model.named_parameters():
+            self.momentum.register_buffer(_buffer_name(name), torch.zeros_like(param))
+
+    def load_into(self, optimizer: torch.optim.Optimizer) -> None:
+        for name, param in self._params():
+            optimizer.state[param]["momentum_buffer"] = getattr(self.momentum, _buffer_name(name)).clone()
+
+    def keep_from(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            for name, param in self._params():
+                buf = optimizer.state.get(param, {}).get("momentum_buffer")
+                if buf is not None:
+                    getattr(self.momentum, _buffer_name(name)).copy_(buf)
+
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("momentum.")]
+
+
+def _buffer_name(param: str) -> str:
+    return param.replace(".", "__")
 
 
 @dataclass(frozen=True)
@@ -134,9 +180,12 @@ class KD3ARule(ClientUpdateRule):
                              f"one of {list(MULTI_DOMAIN)}; set dataset=\"fmnist-domains\"")
         super().check(model)
 
+    def prepare_model(self, model: SplitModel) -> SplitModel:
+        return WithMomentum(model) if self.options.optimizer_state == "persistent" else model
+
     def shared_keys(self, model: SplitModel) -> list[str]:
         if self.options.mode == "source-only":
-            return list(model.state_dict())
+            return [k for k in model.state_dict() if not k.startswith("momentum.")]
         keys = model.representation_keys()
         if self.options.batchnorm == "local":
             keys = [k for k in keys if not is_bn_buffer(k)]
@@ -160,18 +209,34 @@ class KD3ARule(ClientUpdateRule):
         if action == SOURCE_ACTION:
             if partition == TARGET_PARTITION:
                 raise RuntimeError("the target (partition 0) got a source task; it has no labels")
-            return self.train_source(model, data, generator)
+            return self.train_source(model, data, generator, config)
         if action == TARGET_ACTION:
             if partition != TARGET_PARTITION:
                 raise RuntimeError(f"partition {partition} is a source but got the target task")
             weights = torch.tensor([float(w) for w in config["source-weights"]])
-            return self.adapt_target(model, data, inputs, float(config["gate"]), weights, generator)
+            return self.adapt_target(model, data, inputs, float(config["gate"]), weights, generator, config)
         raise ValueError(f"KD3A has no action {action!r}")
 
+    def round_lr(self, server_round: int) -> float:
+        """This round's learning rate (``lr_schedule``); Flower rounds are 1-based."""
+        if self.options.lr_schedule == "constant":
+            return self.cfg.lr
+        return official_cosine_lr(server_round - 1, self.cfg.num_rounds, self.options.lr_begin,
+                                  self.options.lr_end)
+
+    def _optimizer(self, model: SplitModel, config: dict) -> torch.optim.Optimizer:
+        """SGD at this round's rate, resuming the party's momentum when it keeps one."""
+        lr = self.round_lr(int(config.get("server-round", 1)))
+        optimizer = make_optimizer(model, self.cfg.model_copy(update={"lr": lr}))
+        if isinstance(model, WithMomentum) and self.cfg.momentum > 0:
+            model.load_into(optimizer)
+        return optimizer
+
     # -- sources ----------------------------------------------------------------------------------
-    def train_source(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> ActionResult:
+    def train_source(self, model: SplitModel, data: ClientData, generator: torch.Generator,
+                     config: dict | None = None) -> ActionResult:
         count = local_batches(data.num_train, self.cfg.batch_size, self.options.rounds_per_epoch)
-        optimizer = make_optimizer(model, self.cfg)
+        optimizer = self._optimizer(model, config or {})
         model.train()
         total, seen = 0.0, 0
         for idx in _batches(data.num_train, self.cfg.batch_size, count, generator):
@@ -181,13 +246,17 @@ class KD3ARule(ClientUpdateRule):
             optimizer.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if isinstance(model, WithMomentum):
+            model.keep_from(optimizer)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()
+                 if not k.startswith("momentum.")}  # the network; the momentum stays home
         return ActionResult(state, {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
                                     "local-steps": count})
 
     # -- target -----------------------------------------------------------------------------------
     def adapt_target(self, model: SplitModel, data: ClientData, sources: dict[str, dict[str, torch.Tensor]],
-                     gate: float, source_weights: torch.Tensor, generator: torch.Generator) -> ActionResult:
+                     gate: float, source_weights: torch.Tensor, generator: torch.Generator,
+                     config: dict | None = None) -> ActionResult:
         """One round of target adaptation; ``sources`` maps 'source-<pid>' to a full state dict.
 
         Never reads ``data.y_train`` (withheld labels)."""
@@ -195,13 +264,15 @@ class KD3ARule(ClientUpdateRule):
         vote_on_target_batches = self.options.teacher_batchnorm == "target-batch"
         teachers = []
         for name in names:
-            teacher = copy.deepcopy(model)
+            teacher = copy.deepcopy(SplitModel(model.body, model.head))  # the network, not our momentum
             teacher.load_state_dict(sources[name])
             teacher.train(vote_on_target_batches)  # copies: their running statistics are ours to update
             teachers.append(teacher)
         source_bn = [bn_statistics_from_state(sources[n]) for n in names]
-        count = local_batches(data.num_train, self.cfg.batch_size, self.options.rounds_per_epoch)
-        optimizer = make_optimizer(model, self.cfg)
+        r = self.options.rounds_per_epoch
+        one_pass = r < 1 and self.options.target_passes == "one"  # official: only the sources repeat
+        count = local_batches(data.num_train, self.cfg.batch_size, 1.0 if one_pass else r)
+        optimizer = self._optimizer(model, config or {})
         model.train()
         num_sources = len(names)
         qualities = torch.zeros(2 ** num_sources, dtype=torch.float64)
@@ -232,6 +303,8 @@ class KD3ARule(ClientUpdateRule):
             passed += float(vote.weight.sum())
             seen += len(idx)
         focus = shapley_from_qualities(qualities) if self.options.focus_estimator == "exact" else focus_mc
+        if isinstance(model, WithMomentum):
+            model.keep_from(optimizer)
         state = model.state_dict()
         metrics: dict[str, float | int] = {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
                                            "passed-fraction": passed / max(seen, 1), "local-steps": count}

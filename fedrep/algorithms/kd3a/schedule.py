@@ -6,6 +6,8 @@ Both follow the official code (github.com/FengHZ/KD3A): the gate formula is the 
 
 from __future__ import annotations
 
+import math
+
 # Communication rounds below one per epoch that the official code accepts: aggregate every 5 or 2 epochs.
 OFFICIAL_FRACTIONAL_ROUNDS = (0.2, 0.5)
 
@@ -57,3 +59,18 @@ def training_schedule(
         f"training_schedule: communication_rounds={communication_rounds} is not supported; use a value >= 1 "
         f"or one of {OFFICIAL_FRACTIONAL_ROUNDS} (the official code's choices)"
     )
+
+
+def official_cosine_lr(round_index: int, total: int, lr_begin: float = 0.05, lr_end: float = 0.001) -> float:
+    """The learning rate of 0-based round (epoch) ``round_index`` under the official schedule.
+
+    Official ``main.py``: ``CosineAnnealingLR(optimizer, total_epochs, eta_min=learning_rate_end)``
+    with ``learning_rate_begin`` 0.05 and ``learning_rate_end`` 0.001 (``config/DigitFive.yaml``),
+    stepped as ``scheduler.step(epoch)`` *after* epoch ``epoch`` trained. The closed form
+    ``eta(e) = end + (begin - end) * (1 + cos(pi * e / T)) / 2`` set by ``step(e)`` is therefore the
+    rate of epoch ``e + 1``: epoch 0 and epoch 1 both train at ``begin``, epoch ``e >= 1`` at
+    ``eta(e - 1)``. Kept exactly, off-by-one included."""
+    if total <= 0 or not 0 <= round_index < max(total, 1) + 1:
+        raise ValueError(f"official_cosine_lr: round {round_index} outside [0, {total}]")
+    e = max(round_index - 1, 0)
+    return lr_end + (lr_begin - lr_end) * (1 + math.cos(math.pi * e / total)) / 2
