@@ -31,7 +31,9 @@ def _toy(n: int = 30) -> ClientData:
 def test_what_each_baseline_shares():
     _, rule, model = _rule("fedper")
     assert rule.shared_keys(model) == model.representation_keys()
-    _, rule, model = _rule("lg-fedavg")
+    _, rule, model = _rule("lg-fedavg")  # official: the top two layers (the MLP's last hidden, output)
+    assert rule.shared_keys(model) == ["body.5.weight", "body.5.bias", *model.head_keys()]
+    _, rule, model = _rule("lg-fedavg", **{"strategy-options": '{global_layers = "head"}'})
     assert rule.shared_keys(model) == model.head_keys()
     _, rule, model = _rule("local")
     assert rule.shared_keys(model) == [] and rule.personal_keys(model) == list(model.state_dict())

@@ -1,0 +1,100 @@
+"""The wire protocol between fedrep's ServerApp and ClientApp: the one place that names what
+crosses the network.
+
+A Flower message carries a ``RecordDict``; fedrep uses three records in it: ``arrays`` (an
+``ArrayRecord``: the shared parameters, or a state dict an action returns), ``config`` (a
+``ConfigRecord``: what the server asks) and ``metrics`` (a ``MetricRecord``: what the client
+reports). Every key inside them is a constant here, so the server and the client cannot drift
+apart, and a reader finds the whole protocol on one page.
+
+Message types: Flower's ``query`` (who are you: partition id and data sizes), ``train``,
+``evaluate``, and a plugin's own ``train.<action>`` (KD3A's ``train.kd3a_source`` and
+``train.kd3a_target``), whose further array records (``extra`` of an :class:`ActionResult`)
+travel by name next to ``arrays``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+# --- records of a message --------------------------------------------------------------------------
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+# --- config record keys (server -> client) -----------------------------------------------------------
+SERVER_ROUND = "server-round"  # 1-based round the message belongs to
+RUN_DIR = "run-dir"  # the run folder (clients keep their head files under it)
+FINETUNE_EPOCHS = "finetune-epochs"  # evaluate: fine-tune this many epochs first (last round, new clients)
+NODE_ROLE = "node-role"  # a deployed node's declared role, added by the ClientApp from its node config
+GATE = "gate"  # KD3A: this round's confidence gate
+SOURCE_WEIGHTS = "source-weights"  # KD3A: the sources' domain weights, in partition order
+
+# --- metric record keys (client -> server) -----------------------------------------------------------
+PARTITION_ID = "partition-id"
+NUM_EXAMPLES = "num-examples"  # train: samples trained on (aggregation weight); evaluate: test samples
+TRAIN_LOSS = "train-loss"
+LOCAL_STEPS = "local-steps"
+PERSONAL_RESTORED = "personal-restored"  # a Restored code
+NUM_TRAIN, NUM_TEST, NUM_PARTITIONS = "num-train", "num-test", "num-partitions"  # query replies
+LOSS, ACCURACY = "loss", "accuracy"  # evaluate; with FINETUNE_EPOCHS also "<key>-finetuned"
+FINETUNED = "-finetuned"
+
+# --- node config keys (Flower's --node-config / the simulation's per-node config) --------------------
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DECLARED_ROLE = "role"
+
+
+class Restored(IntEnum):
+    """How a client got its personal part (its head) back before answering (PERSONAL_RESTORED)."""
+
+    FRESH = 0  # no saved state survived: the initial head
+    NODE_STATE = 1  # intact in Flower's node state (the same process served the previous round)
+    FILE = 2  # read back from the client's own state file
+    NONE = 3  # the strategy keeps nothing personal (FedAvg, FedProx)
+    RESTARTED = 4  # its state file was damaged and on-damaged-head = "restart" gave it a fresh head
+
+    @property
+    def untrained(self) -> bool:
+        """The client holds an initial head (never trained, or restarted)."""
+        return self in (Restored.FRESH, Restored.RESTARTED)
+
+    @property
+    def description(self) -> str:
+        return RESTORED_DESCRIPTIONS[self]
+
+
+RESTORED_DESCRIPTIONS = {
+    Restored.FRESH: "fresh: its saved state did not survive",
+    Restored.NODE_STATE: "intact in node state",
+    Restored.FILE: "restored from its state file",
+    Restored.NONE: "none to restore (nothing personal)",
+    Restored.RESTARTED: "fresh: its state file was damaged (on-damaged-head = restart)",
+}
+
+
+def restored_of(metrics: Mapping[str, Any]) -> Restored | None:
+    """The Restored code a reply reports; None when it reports none (a query reply, a failed
+    client, or a client of an older fedrep)."""
+    value = metrics.get(PERSONAL_RESTORED)
+    if value is None:
+        return None
+    try:
+        return Restored(int(value))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What a plugin action (``train.<action>``) sends back: ``arrays`` (a state dict, the reply's
+    ``arrays`` record), scalar ``metrics``, and further named state dicts, each sent as its own
+    array record in the same reply."""
+
+    arrays: dict[str, torch.Tensor]
+    metrics: dict[str, float | int] = field(default_factory=dict)
+    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
