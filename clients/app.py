@@ -21,14 +21,35 @@ from fedrep.config import RunConfig, parse_run_config
 from fedrep.data.federated import ClientData, load_client_data
 from fedrep.models import build_model
 from fedrep.models.base import SplitModel
+from fedrep.protocol import (
+    ACCURACY,
+    ARRAYS,
+    CONFIG,
+    FINETUNE_EPOCHS,
+    FINETUNED,
+    LOCAL_STEPS,
+    LOSS,
+    METRICS,
+    NODE_DECLARED_ROLE,
+    NODE_NUM_PARTITIONS,
+    NODE_PARTITION_ID,
+    NODE_ROLE,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    NUM_TEST,
+    NUM_TRAIN,
+    PARTITION_ID,
+    PERSONAL_RESTORED,
+    RUN_DIR,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    ActionResult,
+    Restored,
+)
 from fedrep.registry import client_actions, get_strategy
 from fedrep.results import HeadFileDamaged, run_folder_failure
 
 app = ClientApp()
-# Reported in every reply so the server can tell trained clients from untouched ones.
-# "none": the strategy keeps nothing personal (FedAvg, FedProx), so there was nothing to restore.
-# "restarted": its state file was damaged and on-damaged-head = "restart" gave it a fresh head.
-RESTORED_CODE = {"fresh": 0, "node-state": 1, "file": 2, "none": 3, "restarted": 4}
 
 
 def _frozen(run_config: dict) -> tuple:
@@ -64,7 +85,7 @@ def _setup(frozen_config: tuple) -> tuple[RunConfig, ClientUpdateRule, SplitMode
 
 def _partition(context: Context) -> int:
     try:
-        return int(context.node_config["partition-id"])
+        return int(context.node_config[NODE_PARTITION_ID])
     except KeyError:
         raise RuntimeError("node config lacks 'partition-id'; start the SuperNode with "
                            "--node-config 'partition-id=N num-partitions=M'") from None
@@ -97,10 +118,10 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     after round r's training, so it may use the version round r itself produced."""
     cfg, rule, model, initial = _setup(_frozen(dict(context.run_config)))
     pid = _partition(context)
-    server_round = int(msg.content["config"]["server-round"])
-    run_dir = str(msg.content["config"]["run-dir"])
+    server_round = int(msg.content[CONFIG][SERVER_ROUND])
+    run_dir = str(msg.content[CONFIG][RUN_DIR])
     newest_allowed = server_round + 1 if after_training else server_round
-    shared = msg.content["arrays"].to_torch_state_dict()
+    shared = msg.content[ARRAYS].to_torch_state_dict()
     expected = rule.shared_keys(model)
     if list(shared) != expected:
         raise RuntimeError(f"server sent {list(shared)[:3]}..., strategy {cfg.strategy} shares "
@@ -141,9 +162,9 @@ def query(msg: Message, context: Context) -> Message:
     cfg, _, _, _ = _setup(_frozen(dict(context.run_config)))
     pid = _partition(context)
     data = load_client_data(cfg, pid, device_for(cfg))
-    info = {"partition-id": pid, "num-train": data.num_train, "num-test": data.num_test,
-            "num-partitions": int(context.node_config.get("num-partitions", cfg.num_clients))}
-    return Message(RecordDict({"metrics": MetricRecord(info)}), reply_to=msg)
+    info = {PARTITION_ID: pid, NUM_TRAIN: data.num_train, NUM_TEST: data.num_test,
+            NUM_PARTITIONS: int(context.node_config.get(NODE_NUM_PARTITIONS, cfg.num_clients))}
+    return Message(RecordDict({METRICS: MetricRecord(info)}), reply_to=msg)
 
 
 @app.train()
@@ -154,13 +175,13 @@ def train(msg: Message, context: Context) -> Message:
     state = _keep_personal(job, context)
     shared = ArrayRecord({k: state[k] for k in rule.shared_keys(model)})
     metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "partition-id": job.partition,
-        "local-steps": result.steps,
-        "personal-restored": RESTORED_CODE[job.restored],
+        NUM_EXAMPLES: result.num_examples,
+        TRAIN_LOSS: result.loss,
+        PARTITION_ID: job.partition,
+        LOCAL_STEPS: result.steps,
+        PERSONAL_RESTORED: int(Restored.of_source(job.restored)),
     })
-    return Message(RecordDict({"arrays": shared, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: shared, METRICS: metrics}), reply_to=msg)
 
 
 def _action_handler(action: str):
@@ -169,19 +190,22 @@ def _action_handler(action: str):
     def handle(msg: Message, context: Context) -> Message:
         job = _prepare(msg, context, after_training=False)
         inputs = {name: record.to_torch_state_dict() for name, record in msg.content.array_records.items()
-                  if name != "arrays"}
-        config = dict(msg.content["config"])
-        if "role" in context.node_config:  # a deployed node may declare its role; the rule checks it
-            config["node-role"] = str(context.node_config["role"])
-        result = job.rule.act(action, job.model, job.data(), job.partition, inputs, config,
-                              job.generator(TRAIN))
+                  if name != ARRAYS}
+        config = dict(msg.content[CONFIG])
+        if NODE_DECLARED_ROLE in context.node_config:  # a deployed node may declare its role
+            config[NODE_ROLE] = str(context.node_config[NODE_DECLARED_ROLE])
+        result: ActionResult = job.rule.act(action, job.model, job.data(), job.partition, inputs, config,
+                                            job.generator(TRAIN))
+        if not isinstance(result, ActionResult):
+            raise TypeError(f"{type(job.rule).__name__}.act({action!r}) returned {type(result).__name__}, "
+                            "not a fedrep.ActionResult")
         _keep_personal(job, context)
-        metrics = MetricRecord({**result.metrics, "partition-id": job.partition,
-                                "personal-restored": RESTORED_CODE[job.restored]})
-        content = RecordDict({"metrics": metrics})
+        metrics = MetricRecord({**result.metrics, PARTITION_ID: job.partition,
+                                PERSONAL_RESTORED: int(Restored.of_source(job.restored))})
+        content = RecordDict({METRICS: metrics})
         if result.arrays:
-            content["arrays"] = ArrayRecord(result.arrays)
-        for name, state in getattr(result, "extra", {}).items():
+            content[ARRAYS] = ArrayRecord(result.arrays)
+        for name, state in result.extra.items():
             content[name] = ArrayRecord(state)
         return Message(content, reply_to=msg)
 
@@ -199,19 +223,19 @@ for _action in client_actions():
 def evaluate(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, after_training=True)
     data = job.data()
-    metrics: dict[str, int | float] = {"num-examples": data.num_test, "partition-id": job.partition,
-                                       "personal-restored": RESTORED_CODE[job.restored]}
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: data.num_test, PARTITION_ID: job.partition,
+                                       PERSONAL_RESTORED: int(Restored.of_source(job.restored))}
     if data.num_test == 0:
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    finetune = int(msg.content["config"].get("finetune-epochs", 0))
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    finetune = int(msg.content[CONFIG].get(FINETUNE_EPOCHS, 0))
     loaded = {k: v.clone() for k, v in job.model.state_dict().items()} if finetune > 0 else {}
     results = {"": job.rule.evaluate(job.model, data, job.generator(EVAL))}
     if finetune > 0:
         job.model.load_state_dict(loaded)  # rule.evaluate may have fine-tuned in place
-        results["-finetuned"] = job.rule.finetune_and_evaluate(job.model, data, finetune,
-                                                               job.generator(FINETUNE))
+        results[FINETUNED] = job.rule.finetune_and_evaluate(job.model, data, finetune,
+                                                            job.generator(FINETUNE))
     for suffix, result in results.items():
-        metrics[f"loss{suffix}"] = result.loss
+        metrics[LOSS + suffix] = result.loss
         if result.accuracy is not None:
-            metrics[f"accuracy{suffix}"] = result.accuracy
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+            metrics[ACCURACY + suffix] = result.accuracy
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -26,6 +26,7 @@ import torch
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
 # --- config record keys (server -> client) -----------------------------------------------------------
+QUERY_ASK = "ask"  # query: what the server asks (the PARTITION_ID)
 SERVER_ROUND = "server-round"  # 1-based round the message belongs to
 RUN_DIR = "run-dir"  # the run folder (clients keep their head files under it)
 FINETUNE_EPOCHS = "finetune-epochs"  # evaluate: fine-tune this many epochs first (last round, new clients)
@@ -40,6 +41,7 @@ TRAIN_LOSS = "train-loss"
 LOCAL_STEPS = "local-steps"
 PERSONAL_RESTORED = "personal-restored"  # a Restored code
 NUM_TRAIN, NUM_TEST, NUM_PARTITIONS = "num-train", "num-test", "num-partitions"  # query replies
+PASSED_FRACTION = "passed-fraction"  # KD3A target: share of its samples that passed the gate
 LOSS, ACCURACY = "loss", "accuracy"  # evaluate; with FINETUNE_EPOCHS also "<key>-finetuned"
 FINETUNED = "-finetuned"
 
@@ -47,6 +49,26 @@ FINETUNED = "-finetuned"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DECLARED_ROLE = "role"
+
+
+def focus_key(partition: int) -> str:
+    """KD3A target -> server: the consensus focus of source ``partition``."""
+    return f"focus-{partition}"
+
+
+def source_record(partition: int) -> str:
+    """KD3A server -> target: the array record holding source ``partition``'s whole model."""
+    return f"source-{partition}"
+
+
+def source_of_record(name: str) -> int:
+    """The partition of a :func:`source_record` name."""
+    return int(name.rsplit("-", 1)[1])
+
+
+def teacher_bn_record(partition: int) -> str:
+    """KD3A target -> server: source ``partition``'s BN statistics as the target's batches left them."""
+    return f"source-{partition}-bn"
 
 
 class Restored(IntEnum):
@@ -57,6 +79,12 @@ class Restored(IntEnum):
     FILE = 2  # read back from the client's own state file
     NONE = 3  # the strategy keeps nothing personal (FedAvg, FedProx)
     RESTARTED = 4  # its state file was damaged and on-damaged-head = "restart" gave it a fresh head
+
+    @classmethod
+    def of_source(cls, source: str) -> Restored:
+        """From the client-state store's name for where the personal part came from."""
+        return {"fresh": cls.FRESH, "node-state": cls.NODE_STATE, "file": cls.FILE, "none": cls.NONE,
+                "restarted": cls.RESTARTED}[source]
 
     @property
     def untrained(self) -> bool:

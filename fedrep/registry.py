@@ -13,6 +13,7 @@ import failure names the package that shipped it.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 if TYPE_CHECKING:
     from fedrep.algorithms.base import ClientUpdateRule
     from fedrep.config import RunConfig
+    from fedrep.round_program import RoundProgram
 
 GROUP = "fedrep.strategies"
 
@@ -43,10 +45,12 @@ class NoOptions(BaseModel):
 class StrategyPlugin:
     """What a strategy plugin provides.
 
-    ``server(cfg, options)`` builds the server half: a Flower ``Strategy``
-    (``flwr.serverapp.strategy.Strategy``) whose ``configure_*``/``aggregate_*`` hooks the
-    platform's round loop calls. ``client(cfg, options)`` builds the client half, a
-    :class:`fedrep.algorithms.base.ClientUpdateRule` (plain PyTorch). ``options`` is the
+    ``server(cfg, options)`` builds the server half, a :class:`fedrep.round_program.RoundProgram`
+    (usually ``fedrep.SharedAveraging``, a Flower ``Strategy`` too); ``client(cfg, options)``
+    builds the client half, a :class:`fedrep.algorithms.base.ClientUpdateRule` (plain PyTorch).
+    Either may be given as a ``"module:attr"`` reference, imported only when that half is built:
+    declare the server half that way and a SuperNode, which builds only client halves, never
+    imports your server code (or ``flwr.serverapp``). ``options`` is the
     plugin's own pydantic model for its hyper-parameters, filled from the run-config key
     ``strategy-options`` (a TOML inline table, e.g. ``"{mu = 0.01}"``) and validated at start.
     ``config_keys`` lists the shared run-config keys the plugin reads, for ``fedrep strategies``.
@@ -58,8 +62,8 @@ class StrategyPlugin:
 
     name: str
     description: str
-    server: Callable[[RunConfig, Any], Any]
-    client: Callable[[RunConfig, Any], ClientUpdateRule]
+    server: Callable[[RunConfig, Any], RoundProgram] | str
+    client: Callable[[RunConfig, Any], ClientUpdateRule] | str
     config_keys: tuple[str, ...] = field(default_factory=tuple)
     options: type[BaseModel] = NoOptions
     client_actions: tuple[str, ...] = ()
@@ -91,10 +95,34 @@ class StrategyPlugin:
             raise ValueError(f"{problems} (options of {self.name!r}: {allowed})") from None
 
     def client_rule(self, cfg: RunConfig) -> ClientUpdateRule:
-        return self.client(cfg, self.parse_options(cfg.strategy_options))
+        from fedrep.algorithms.base import ClientUpdateRule
 
-    def server_strategy(self, cfg: RunConfig) -> Any:
-        return self.server(cfg, self.parse_options(cfg.strategy_options))
+        rule = self._resolve(self.client, "client")(cfg, self.parse_options(cfg.strategy_options))
+        if not isinstance(rule, ClientUpdateRule):
+            raise PluginError(f"strategy {self.name!r}: its client half built a {type(rule).__name__}, not a "
+                              "fedrep.ClientUpdateRule")
+        return rule
+
+    def server_strategy(self, cfg: RunConfig) -> RoundProgram:
+        from fedrep.round_program import RoundProgram
+
+        program = self._resolve(self.server, "server")(cfg, self.parse_options(cfg.strategy_options))
+        if not isinstance(program, RoundProgram):
+            raise PluginError(f"strategy {self.name!r}: its server half built a {type(program).__name__}, "
+                              "not a fedrep.RoundProgram (subclass fedrep.SharedAveraging, or implement "
+                              "RoundProgram)")
+        return program
+
+    def _resolve(self, half: Callable[..., Any] | str, which: str) -> Callable[..., Any]:
+        """A half given as ``"module:attr"``, imported now; an import failure names the plugin."""
+        if not isinstance(half, str):
+            return half
+        module, _, attr = half.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise PluginError(f"strategy {self.name!r}: its {which} half {half!r} cannot be loaded: "
+                              f"{err}") from None
 
 
 def _dist_name(ep: EntryPoint) -> str:
@@ -106,16 +134,16 @@ def _dist_name(ep: EntryPoint) -> str:
 # that the built-ins stay available there; installed, they come from the entry points like any
 # third-party plugin.
 BUILTINS = {
-    "fedrep": "server.strategies.fedrep:PLUGIN",
-    "fedavg": "server.strategies.fedavg:PLUGIN",
-    "fedavg-ft": "server.strategies.baselines:FEDAVG_FT",
-    "fedper": "server.strategies.baselines:FEDPER",
-    "lg-fedavg": "server.strategies.baselines:LG_FEDAVG",
-    "split": "server.strategies.baselines:SPLIT",
-    "local": "server.strategies.baselines:LOCAL",
-    "fedprox": "server.strategies.baselines:FEDPROX",
-    "ditto": "server.strategies.baselines:DITTO",
-    "kd3a": "server.strategies.kd3a:PLUGIN",
+    "fedrep": "fedrep.builtin_plugins:FEDREP",
+    "fedavg": "fedrep.builtin_plugins:FEDAVG",
+    "fedavg-ft": "fedrep.builtin_plugins:FEDAVG_FT",
+    "fedper": "fedrep.builtin_plugins:FEDPER",
+    "lg-fedavg": "fedrep.builtin_plugins:LG_FEDAVG",
+    "split": "fedrep.builtin_plugins:SPLIT",
+    "local": "fedrep.builtin_plugins:LOCAL",
+    "fedprox": "fedrep.builtin_plugins:FEDPROX",
+    "ditto": "fedrep.builtin_plugins:DITTO",
+    "kd3a": "fedrep.builtin_plugins:KD3A",
 }
 
 

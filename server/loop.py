@@ -23,6 +23,7 @@ from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
+from fedrep.protocol import FINETUNE_EPOCHS, METRICS, PARTITION_ID, RUN_DIR, Restored, restored_of
 from fedrep.registry import get_strategy
 from fedrep.results import (
     RunDir,
@@ -31,8 +32,8 @@ from fedrep.results import (
     new_run_name,
     run_folder_failure_in,
 )
+from fedrep.round_program import RoundProgram
 from server.records import from_record, to_record
-from server.strategies.base import SharedAveraging
 
 
 class RunFolderFailure(RuntimeError):
@@ -74,11 +75,11 @@ class AuditingGrid:
                 for name, record in reply.content.array_records.items():
                     row["arrays"] += [f"{name}/{key}" for key in record]
                     row["bytes"] += record.count_bytes()
-                metrics = reply.content.metric_records.get("metrics")
+                metrics = reply.content.metric_records.get(METRICS)
                 if metrics is not None:
                     row["metrics"] = dict(metrics)
-                    if "partition-id" in metrics:
-                        row["partition"] = int(metrics["partition-id"])
+                    if PARTITION_ID in metrics:
+                        row["partition"] = int(metrics[PARTITION_ID])
                         self.partition_of[row["node"]] = row["partition"]
             elif row["node"] in self.partition_of:
                 row["partition"] = self.partition_of[row["node"]]
@@ -162,21 +163,17 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
     print("[fedrep] " + " | ".join(parts), file=sys.stderr, flush=True)
 
 
-def _new_clients_metrics(cfg: RunConfig, strategy: Any, server_round: int, arrays: Any, run: RunDir,
-                         audit: AuditingGrid, timeout: float) -> dict[str, Any]:
+def _new_clients_metrics(cfg: RunConfig, program: RoundProgram, server_round: int, arrays: Any,
+                         run: RunDir, audit: AuditingGrid, timeout: float) -> dict[str, Any]:
     """The paper's generalisation experiment, after the last round: each held-out client trains
     from the final model for new-client-epochs (FedRep: a fresh head on the final representation)
     and reports; their metrics as ``new-clients-*``."""
-    if not isinstance(strategy, SharedAveraging):
-        raise RuntimeError(f"new-clients: strategy {cfg.strategy!r} has no new-client evaluation "
-                           "(its server is not a SharedAveraging); set new-clients=0")
-    config = ConfigRecord({"run-dir": str(run.path)})
-    msgs = strategy.configure_new_clients(server_round, arrays, config, audit)
-    metrics = strategy.aggregate_evaluate(server_round, audit.send_and_receive(msgs, timeout=timeout))
-    out = {f"new-clients-{k}": v for k, v in dict(metrics or {}).items()}
+    outcome = program.evaluate_new_clients(server_round, arrays, ConfigRecord({RUN_DIR: str(run.path)}),
+                                           audit, timeout)
+    out = {f"new-clients-{k}": v for k, v in outcome.metrics.items()}
     if "new-clients-accuracy-finetuned-mean" in out:
-        print(f"[fedrep] {len(msgs)} new clients after {cfg.new_client_epochs} epochs from the final "
-              f"model: accuracy {out['new-clients-accuracy-finetuned-mean']:.4f} (weighted "
+        print(f"[fedrep] {out['new-clients-eval-clients']} new clients after {cfg.new_client_epochs} epochs "
+              f"from the final model: accuracy {out['new-clients-accuracy-finetuned-mean']:.4f} (weighted "
               f"{out['new-clients-accuracy-finetuned-weighted-mean']:.4f})", file=sys.stderr, flush=True)
     return out
 
@@ -203,11 +200,10 @@ def check_finite(server_round: int, arrays: dict[str, np.ndarray], metrics: dict
             f"with a smaller lr (or smaller strategy step sizes, e.g. KD3A's mmd_weight); {kept}")
 
 
-def _strategy_state(strategy: Any) -> dict[str, Any]:
-    """What a stateful strategy needs to resume, kept in state.json next to the round."""
-    if hasattr(strategy, "strategy_state"):
-        return {"strategy-state": strategy.strategy_state()}
-    return {}
+def _strategy_state(program: RoundProgram) -> dict[str, Any]:
+    """What a stateful round program needs to resume, kept in state.json next to the round."""
+    state = program.state_dict()
+    return {"strategy-state": state} if state else {}
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -236,17 +232,18 @@ def _client_events(server_round: int, rows: list[dict[str, Any]], trained: set[i
                            "node": row["node"], "partition": partition,
                            "reason": client_error_text(str(row["error"]))[-500:]})
             continue
-        restored = int(row.get("metrics", {}).get("personal-restored", -1))
+        restored = restored_of(row.get("metrics", {}))
         head_file = str(state_root / f"partition-{partition:05d}.pt") if partition is not None else None
-        if restored == 0 and partition in trained:
+        if restored is Restored.FRESH and partition in trained:
             events.append({"round": server_round, "event": "head-missing", "kind": row["kind"],
                            "node": row["node"], "partition": partition, "file": head_file,
                            "head": "fresh: the client trained before, but its head file is gone"})
-        elif restored == 4:
+        elif restored is Restored.RESTARTED:
             events.append({"round": server_round, "event": "head-restarted", "kind": row["kind"],
                            "node": row["node"], "partition": partition, "file": head_file,
                            "head": "fresh: its head file was damaged (on-damaged-head = restart)"})
-        if row["kind"].startswith("train") and restored in (0, 1, 2, 4) and partition is not None:
+        keeps_head = restored not in (None, Restored.NONE)
+        if row["kind"].startswith("train") and partition is not None and keeps_head:
             trained.add(partition)
     return events
 
@@ -255,7 +252,7 @@ def _trained_before(run: RunDir, last: int) -> set[int]:
     """Partitions that trained with a personal part in rounds 1..last (from messages.jsonl)."""
     return {int(r["partition"]) for r in run.read_audit()
             if r["round"] <= last and str(r["kind"]).startswith("train") and not r.get("error")
-            and "partition" in r and int(r.get("metrics", {}).get("personal-restored", 3)) != 3}
+            and "partition" in r and restored_of(r.get("metrics", {})) not in (None, Restored.NONE)}
 
 
 def _failures_note(row: dict[str, Any], events: list[dict[str, Any]]) -> str | None:
@@ -318,8 +315,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         if sorted(arrays) != sorted(shared_keys):
             raise RunFileError(f"checkpoint {run.checkpoint_path(last)} holds {sorted(arrays)[:3]}..., "
                                f"not this strategy's shared parameters {shared_keys[:3]}...; restore it")
-        if hasattr(strategy, "load_strategy_state"):  # e.g. KD3A's moving-average domain weights
-            strategy.load_strategy_state(run.state().get("strategy-state", {}))
+        strategy.load_state_dict(run.state().get("strategy-state", {}))  # e.g. KD3A's domain weights
         print(f"[fedrep] resuming {run.path} after round {last}", file=sys.stderr, flush=True)
     else:
         state = model.state_dict()
@@ -338,17 +334,9 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         t0 = time.perf_counter()
         audit.server_round = server_round
         record = to_record(arrays)
-        config = ConfigRecord({"run-dir": str(run.path)})
-        if hasattr(strategy, "train_round"):  # a strategy with its own multi-phase round (KD3A)
-            new_arrays, train_metrics, sent = strategy.train_round(server_round, record, config, audit,
-                                                                   timeout)
-        else:
-            train_msgs = list(strategy.configure_train(server_round, record, config, audit))
-            if not train_msgs:
-                raise RuntimeError(f"round {server_round}: no client available to train")
-            replies = audit.send_and_receive(train_msgs, timeout=timeout)
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            sent = record.count_bytes() * len(train_msgs)
+        config = ConfigRecord({RUN_DIR: str(run.path)})
+        outcome = strategy.train_round(server_round, record, config, audit, timeout)
+        new_arrays, train_metrics, sent = outcome.arrays, outcome.metrics, outcome.bytes_sent
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
         aggregated = from_record(new_arrays)
@@ -363,15 +351,12 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         row.update(dict(train_metrics or {}))
         row["bytes-sent"] = sent
         if evaluates(cfg, server_round):
-            eval_record = new_arrays  # the aggregate, already a record
-            eval_config = ConfigRecord({"run-dir": str(run.path)})
+            eval_config = ConfigRecord({RUN_DIR: str(run.path)})
             if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
-                eval_config["finetune-epochs"] = cfg.final_finetune_epochs
-            eval_msgs = list(strategy.configure_evaluate(server_round, eval_record, eval_config, audit))
-            eval_metrics = strategy.aggregate_evaluate(
-                server_round, audit.send_and_receive(eval_msgs, timeout=timeout))
-            row.update(dict(eval_metrics or {}))
-            row["bytes-sent"] += eval_record.count_bytes() * len(eval_msgs)
+                eval_config[FINETUNE_EPOCHS] = cfg.final_finetune_epochs
+            evaluation = strategy.evaluate_round(server_round, new_arrays, eval_config, audit, timeout)
+            row.update(evaluation.metrics)
+            row["bytes-sent"] += evaluation.bytes_sent
         if server_round == cfg.num_rounds and cfg.new_clients > 0:
             row.update(_new_clients_metrics(cfg, strategy, server_round, new_arrays, run, audit, timeout))
         weighted[server_round] = row.get(WEIGHTED_ACCURACY)
@@ -380,8 +365,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
             row[PAPER_METRIC] = paper
         if b_star is not None and "body.weight" in arrays:
             row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
-        events = strategy.drain_events() if hasattr(strategy, "drain_events") else []
-        row["nodes-lost"] = len(getattr(strategy, "lost", {}))
+        events = strategy.drain_events()
+        row["nodes-lost"] = len(strategy.lost_partitions())
         audit_rows = audit.drain()
         client_events = _client_events(server_round, audit_rows, trained, state_root)
         events += client_events

@@ -17,7 +17,7 @@ def _fails(*args: str, **kw) -> str:
 def test_strategies_lists_builtins_with_package():
     out = fedrep_cli("strategies").stdout
     line = next(x for x in out.splitlines() if x.startswith("fedrep "))
-    assert line.endswith("[fedrep: server.strategies.fedrep:PLUGIN]")
+    assert line.endswith("[fedrep: fedrep.builtin_plugins:FEDREP]")
     assert "fedavg" in out and "config keys: head-epochs" in out
     # options as TOML a user can paste, with their descriptions
     assert "strategy-options (TOML inline table: --set 'strategy-options={personal = [\"head\"]}')" in out

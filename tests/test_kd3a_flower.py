@@ -11,10 +11,11 @@ import torch
 
 from conftest import fedrep_cli
 from fedrep.algorithms.kd3a.inprocess import run_kd3a
-from fedrep.algorithms.kd3a.rule import ActionResult, KD3AOptions, KD3ARule, local_batches
+from fedrep.algorithms.kd3a.rule import KD3AOptions, KD3ARule, local_batches
 from fedrep.config import ConfigError, parse_run_config
 from fedrep.data.federated import WITHHELD_LABEL, ClientData, load_client_data
 from fedrep.models import DomainCNN
+from fedrep.protocol import ActionResult
 from fedrep.results import RunDir
 
 KD3A_CONFIG = {"strategy": "kd3a", "dataset": "fmnist-domains", "model": "cnn-bn", "num-clients": 5,

@@ -39,7 +39,8 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_builtins_register_through_entry_points():
     assert {"fedrep", "fedavg"} <= set(registry.available_strategies())
     plugin = registry.get_strategy("fedrep")
-    assert plugin.name == "fedrep" and callable(plugin.server) and callable(plugin.client)
+    assert plugin.name == "fedrep" and plugin.server == "server.strategies.base:SharedAveraging"
+    assert callable(plugin.client)  # the client half by class, the server half by reference
     ep = registry.entry_point("fedrep")
     assert ep.group == "fedrep.strategies" and ep.dist.name == "fedrep"
 
@@ -135,3 +136,43 @@ def test_option_lines_are_toml_with_required_and_factory_defaults():
 
     assert option_lines(Opts) == [("mu = (required)", "proximal weight"),
                                   ('layers = ["head"]', ""), ("on = true", "")]
+
+
+def test_a_supernode_imports_no_server_code():
+    """The ClientApp builds client halves only: importing it, and building every installed
+    strategy's client rule, imports nothing of ``server`` and no part of ``flwr.serverapp``
+    beyond what Flower's own ``flwr.app`` / ``flwr.clientapp`` already import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport flwr.app, flwr.clientapp\n"
+            "flower = {m for m in sys.modules if m.startswith('flwr.serverapp')}\n"
+            "import clients.app\nfrom fedrep.config import parse_run_config\n"
+            "from fedrep.registry import available_strategies, get_strategy\n"
+            "for name in sorted(available_strategies()):\n"
+            "    get_strategy(name).client_rule(parse_run_config({'strategy': name}))\n"
+            "bad = sorted(m for m in sys.modules if m == 'server' or m.startswith('server.')\n"
+            "             or (m.startswith('flwr.serverapp') and m not in flower))\n"
+            "print(bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_server_half_that_is_not_a_round_program_is_refused():
+    from fedrep.algorithms.fedavg import FedAvgUpdate
+    from fedrep.config import parse_run_config
+    from fedrep.registry import PluginError, StrategyPlugin
+
+    plugin = StrategyPlugin("odd", "not a program", lambda cfg, opts: object(), FedAvgUpdate)
+    with pytest.raises(PluginError, match="not a fedrep.RoundProgram"):
+        plugin.server_strategy(parse_run_config({}))
+    missing = StrategyPlugin("gone", "a reference that does not load", "nowhere.at_all:Thing", FedAvgUpdate)
+    with pytest.raises(PluginError, match="'gone': its server half 'nowhere.at_all:Thing' cannot be loaded"):
+        missing.server_strategy(parse_run_config({}))
+
+
+def test_the_example_plugin_needs_only_fedrep():
+    source = (Path(__file__).parent.parent / "examples" / "plugin-fedbabu" / "fedbabu_plugin" / "__init__.py")
+    imports = [line for line in source.read_text().splitlines() if line.startswith(("import ", "from "))]
+    assert imports and all(not line.split()[1].startswith(("server", "clients")) for line in imports), imports

@@ -1,14 +1,17 @@
-"""The server half shared by FedRep, FedAvg and any strategy that averages what clients share.
+"""The server halves: :class:`Federation` (what every round program needs) and
+:class:`SharedAveraging`, the single-phase round of FedRep, FedAvg and every strategy that
+averages what clients share.
 
-A Flower ``Strategy`` (message API) with three changes from ``flwr``'s stock ``FedAvg``:
+``SharedAveraging`` is a Flower ``Strategy`` (message API) with these changes from ``flwr``'s
+stock ``FedAvg``:
 
 * it samples by *partition id*, deterministically in (seed, round), so that a resumed run picks
   the same clients (stock sampling uses the global ``random`` module and node ids, which are
   random per run);
 * it learns each node's partition id with one ``query`` message the first time it sees the node,
   so nodes that join later (deployment) are picked up;
-* evaluation reports the paper's metric, the unweighted mean of local accuracies, with its
-  spread, instead of a sample-weighted average;
+* evaluation reports the unweighted mean of local accuracies with its spread, and the paper's
+  test-size-weighted mean, instead of a train-sample-weighted average;
 * it keeps a membership log (``events``): which partition's node was lost and when, and, when
   it answers again, whether it came back with its personal parameters or had to start fresh.
 """
@@ -36,21 +39,43 @@ from flwr.serverapp.strategy import Strategy
 from fedrep.algorithms.aggregate import summarize, weighted_average
 from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
+from fedrep.protocol import (
+    ACCURACY,
+    ARRAYS,
+    CONFIG,
+    FINETUNE_EPOCHS,
+    FINETUNED,
+    LOSS,
+    METRICS,
+    NODE_NUM_PARTITIONS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    QUERY_ASK,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    Restored,
+    restored_of,
+)
+from fedrep.round_program import EvalOutcome, RoundProgram, TrainOutcome
 from server.records import from_record, to_record
 
-ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
-PARTITION_ID, NUM_EXAMPLES = "partition-id", "num-examples"
 # Error codes meaning "the node (or its ClientApp process) is gone", not "the client code failed".
 NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)
-# How a client got its personal part back (clients/app.py RESTORED_CODE), as the log says it.
-HEAD_ON_RETURN = {0: "fresh: its saved state did not survive", 1: "intact in node state",
-                  2: "restored from its state file", 3: "none to restore (nothing personal)",
-                  4: "fresh: its state file was damaged (on-damaged-head = restart)"}
-UNTRAINED_HEAD = (0, 4)  # personal-restored codes of a client holding an initial head
 
 
-class SharedAveraging(Strategy):
-    """Average the shared arrays the clients return, weighted by their sample counts."""
+def _untrained(restored: Restored | None) -> bool:
+    """A client that reports holding an initial head (one that reports nothing counts as trained)."""
+    return restored is not None and restored.untrained
+
+
+class Federation(RoundProgram):
+    """What every server half needs whatever its round looks like: who is out there (nodes and
+    their partition ids), the membership log, addressing messages and tracing replies to their
+    node, and evaluation of the federation's clients (and of held-out new clients).
+
+    Not a Flower ``Strategy``: a program with a round of its own (KD3A's two phases) subclasses
+    this and implements :meth:`RoundProgram.train_round`; single-phase averaging is
+    :class:`SharedAveraging`."""
 
     def __init__(self, cfg: RunConfig, options: object = None, query_timeout: float = 600.0) -> None:
         self.cfg = cfg
@@ -106,7 +131,7 @@ class SharedAveraging(Strategy):
     def _query_new(self, grid: Grid, connected: set[int]) -> None:
         new = sorted(connected - set(self.partition_of))
         if new:
-            question = RecordDict({CONFIG: ConfigRecord({"ask": PARTITION_ID})})
+            question = RecordDict({CONFIG: ConfigRecord({QUERY_ASK: PARTITION_ID})})
             msgs = [Message(question, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
@@ -116,7 +141,7 @@ class SharedAveraging(Strategy):
 
     def _register(self, node: int, info: MetricRecord) -> None:
         pid = int(info[PARTITION_ID])
-        partitions = int(info.get("num-partitions", self.cfg.num_clients))
+        partitions = int(info.get(NODE_NUM_PARTITIONS, self.cfg.num_clients))
         if partitions != self.cfg.num_clients:
             raise RuntimeError(
                 f"node {node} is partition {pid} of {partitions}, but num-clients="
@@ -148,7 +173,8 @@ class SharedAveraging(Strategy):
         if partition not in self.lost:
             return
         since = self.lost.pop(partition)
-        head = HEAD_ON_RETURN.get(int(metrics.get("personal-restored", 0)), "unknown")
+        restored = restored_of(metrics)
+        head = restored.description if restored is not None else "unknown"
         self._event("node-rejoined", node=node, partition=partition, lost_in_round=since, head=head)
 
     def drain_events(self) -> list[dict[str, object]]:
@@ -166,8 +192,8 @@ class SharedAveraging(Strategy):
         ``new-client-epochs`` first (the paper's generalisation experiment)."""
         known = self.discover(grid)
         held_out = new_clients(self.cfg.num_clients, self.cfg.new_clients, self.cfg.seed)
-        config["server-round"] = server_round
-        config["finetune-epochs"] = self.cfg.new_client_epochs
+        config[SERVER_ROUND] = server_round
+        config[FINETUNE_EPOCHS] = self.cfg.new_client_epochs
         return self._messages(arrays, config, self._nodes_for(sorted(held_out & set(known.values()))),
                               MessageType.EVALUATE)
 
@@ -194,21 +220,6 @@ class SharedAveraging(Strategy):
                     return sent.metadata.dst_node_id
         return reply.metadata.src_node_id
 
-    # -- Flower Strategy hooks ---------------------------------------------------------------
-    def summary(self) -> None:
-        log(INFO, "\t├── %s: fraction-train %.2f, fraction-evaluate %.2f, seed %d",
-            type(self).__name__, self.cfg.fraction_train, self.cfg.fraction_evaluate, self.cfg.seed)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.server_round = server_round
-        known = self.discover(grid)
-        chosen = sample_clients(self.cfg.seed, server_round, self._federation(known),
-                                self.cfg.fraction_train)
-        config["server-round"] = server_round
-        return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
-
     def _split_replies(self, replies: Iterable[Message]) -> list[Message]:
         ok, self.last_failures = [], []
         for reply in replies:
@@ -226,22 +237,23 @@ class SharedAveraging(Strategy):
         # partition makes aggregation bitwise reproducible (and resumed runs exact).
         return sorted(ok, key=lambda r: int(r.content[METRICS].get(PARTITION_ID, 0)))
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok = self._split_replies(replies)
-        if not ok:
-            return None, None
-        updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
-        equal = self.cfg.equal_aggregation()  # aggregation-weights
-        averaged = weighted_average([(a, 1.0) for a, _ in updates] if equal else updates)
-        finite = [(float(r.content[METRICS]["train-loss"]), w) for r, (_, w) in zip(ok, updates, strict=True)
-                  if math.isfinite(float(r.content[METRICS]["train-loss"]))]
-        metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
-        if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
-            metrics["train-loss"] = summarize(*zip(*finite, strict=True))["weighted-mean"]
-        return to_record(averaged), metrics
+    # -- RoundProgram: evaluation, membership ------------------------------------------------------
+    def evaluate_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                       timeout: float) -> EvalOutcome:
+        messages = list(self.configure_evaluate(server_round, arrays, config, grid))
+        metrics = self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        return EvalOutcome(dict(metrics or {}), arrays.count_bytes() * len(messages))
 
+    def evaluate_new_clients(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                             grid: Grid, timeout: float) -> EvalOutcome:
+        messages = self.configure_new_clients(server_round, arrays, config, grid)
+        metrics = self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+        return EvalOutcome(dict(metrics or {}), arrays.count_bytes() * len(messages))
+
+    def lost_partitions(self) -> dict[int, int]:
+        return dict(self.lost)
+
+    # -- evaluation messages (also SharedAveraging's Flower hooks) ----------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -249,7 +261,7 @@ class SharedAveraging(Strategy):
         # Salted round so evaluation sampling does not mirror training sampling.
         chosen = sample_clients(self.cfg.seed + 7919, server_round, self._federation(known),
                                 self.cfg.fraction_evaluate)
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.EVALUATE)
 
     def aggregate_evaluate(
@@ -259,13 +271,13 @@ class SharedAveraging(Strategy):
         if not ok:
             return None
         metrics = [r.content[METRICS] for r in ok]
-        trained = [m for m in metrics if int(m.get("personal-restored", 1)) not in UNTRAINED_HEAD]
+        trained = [m for m in metrics if not _untrained(restored_of(m))]
         out: dict[str, float | int] = {
             "eval-clients": len(ok),
             "eval-failures": len(self.last_failures),
             "eval-untrained": len(metrics) - len(trained),
         }
-        for key in ("loss", "accuracy", "loss-finetuned", "accuracy-finetuned"):
+        for key in (LOSS, ACCURACY, LOSS + FINETUNED, ACCURACY + FINETUNED):
             pairs = [(float(m[key]), float(m.get(NUM_EXAMPLES, 0))) for m in metrics if key in m]
             if pairs:  # mean over clients (ours) and weighted by test-set size (the paper's)
                 values, sizes = zip(*pairs, strict=True)
@@ -273,7 +285,64 @@ class SharedAveraging(Strategy):
                 out.update({f"{key}-{stat}": v for stat, v in summarize(values, weights).items()})
         # The paper's curves are dominated by clients that have trained at least once; with 10%
         # participation many have not in early rounds, and they still hold the initial head.
-        values = [float(m["accuracy"]) for m in trained if "accuracy" in m]
+        values = [float(m[ACCURACY]) for m in trained if ACCURACY in m]
         if values:
             out["accuracy-trained-mean"] = summarize(values)["mean"]
         return MetricRecord(out)
+
+
+class SharedAveraging(Federation, Strategy):
+    """Average the shared arrays the clients return, weighted by their sample counts (or equally,
+    ``aggregation-weights``). A Flower ``Strategy`` whose hooks are the whole round, so Flower's
+    own ``Strategy.start()`` runs it correctly too; fedrep's round loop drives the same hooks
+    through :meth:`train_round`."""
+
+    def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                    timeout: float) -> TrainOutcome:
+        messages = list(self.configure_train(server_round, arrays, config, grid))
+        if not messages:
+            raise RuntimeError(f"round {server_round}: no client available to train")
+        new_arrays, metrics = self.aggregate_train(server_round,
+                                                   grid.send_and_receive(messages, timeout=timeout))
+        return TrainOutcome(new_arrays, dict(metrics or {}), arrays.count_bytes() * len(messages))
+
+    # -- Flower Strategy hooks ---------------------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t├── %s: fraction-train %.2f, fraction-evaluate %.2f, seed %d",
+            type(self).__name__, self.cfg.fraction_train, self.cfg.fraction_evaluate, self.cfg.seed)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.server_round = server_round
+        known = self.discover(grid)
+        chosen = sample_clients(self.cfg.seed, server_round, self._federation(known),
+                                self.cfg.fraction_train)
+        config[SERVER_ROUND] = server_round
+        return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = self._split_replies(replies)
+        if not ok:
+            return None, None
+        updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
+        equal = self.cfg.equal_aggregation()  # aggregation-weights
+        averaged = weighted_average([(a, 1.0) for a, _ in updates] if equal else updates)
+        finite = [(float(r.content[METRICS][TRAIN_LOSS]), w) for r, (_, w) in zip(ok, updates, strict=True)
+                  if math.isfinite(float(r.content[METRICS][TRAIN_LOSS]))]
+        metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
+        if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
+            metrics[TRAIN_LOSS] = summarize(*zip(*finite, strict=True))["weighted-mean"]
+        return to_record(averaged), metrics
+
+
+class LocalOnlyAveraging(SharedAveraging):
+    """Local-only's server: nothing is shared, so nothing is averaged; on the official schedule
+    (``strategy-options={schedule = "official"}``, the default) every client trains every round."""
+
+    def __init__(self, cfg: RunConfig, options: object = None) -> None:
+        from fedrep.algorithms.local import local_server_config
+
+        super().__init__(local_server_config(cfg, options), options)

@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedrep.algorithms.base import ClientUpdateRule, param_names
-from fedrep.algorithms.training import EvalResult, Phase
-from fedrep.data.federated import ClientData
-from fedrep.models.base import SplitModel
-from fedrep.registry import StrategyPlugin
-from server.strategies.base import SharedAveraging
+from fedrep import ClientData, ClientUpdateRule, EvalResult, Phase, SplitModel, StrategyPlugin, param_names
 
 
 class FedBABUOptions(BaseModel):
@@ -40,7 +35,9 @@ class FedBABUUpdate(ClientUpdateRule):
 PLUGIN = StrategyPlugin(
     name="fedbabu",
     description="FedBABU: body trained and shared with a frozen random head; fine-tune to evaluate.",
-    server=SharedAveraging,  # the platform's sample-weighted averaging of what clients share
+    # the platform's sample-weighted averaging of what clients share, by reference: a SuperNode
+    # (which builds only client halves) never imports server code
+    server="fedrep:SharedAveraging",
     client=FedBABUUpdate,
     config_keys=("local-epochs", "lr", "batch-size"),
     options=FedBABUOptions,

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
-from fedrep.algorithms.kd3a.rule import TARGET_PARTITION, KD3AOptions, KD3ARule, teacher_bn_record
+from fedrep.algorithms.kd3a.rule import TARGET_PARTITION, KD3AOptions, KD3ARule
 from fedrep.algorithms.kd3a.schedule import confidence_gate
 from fedrep.algorithms.kd3a.weights import aggregate_state_dicts, initial_domain_weights
 from fedrep.algorithms.training import EVAL, TRAIN, round_generator
 from fedrep.config import RunConfig
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
+from fedrep.protocol import PASSED_FRACTION, SERVER_ROUND, focus_key, source_record, teacher_bn_record
 
 
 def _copy(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
             model.load_state_dict({**run.shared, **run.personal[pid]})
             result = rule.train_source(model, load_client_data(cfg, pid),
                                        round_generator(cfg.seed, server_round, pid, TRAIN),
-                                       {"server-round": server_round})
+                                       {SERVER_ROUND: server_round})
             run.personal[pid] = _copy(model, personal_keys)
             sources[pid] = result.arrays
         row: dict[str, float] = {"round": server_round}
@@ -68,13 +69,13 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
             model.load_state_dict({**run.shared, **run.personal[TARGET_PARTITION]})
             result = rule.adapt_target(
                 model, load_client_data(cfg, TARGET_PARTITION),
-                {f"source-{p}": state for p, state in sources.items()}, gate, previous[1:].clone(),
+                {source_record(p): state for p, state in sources.items()}, gate, previous[1:].clone(),
                 round_generator(cfg.seed, server_round, TARGET_PARTITION, TRAIN),
-                {"server-round": server_round})
+                {SERVER_ROUND: server_round})
             run.personal[TARGET_PARTITION] = _copy(model, personal_keys)
             report = TargetReport(
-                arrays=result.arrays, passed_fraction=float(result.metrics["passed-fraction"]),
-                focus={p: float(result.metrics[f"focus-{p}"]) for p in sources},
+                arrays=result.arrays, passed_fraction=float(result.metrics[PASSED_FRACTION]),
+                focus={p: float(result.metrics[focus_key(p)]) for p in sources},
                 teacher_bn={p: result.extra[teacher_bn_record(p)] for p in sources
                             if teacher_bn_record(p) in result.extra})
             aggregate = aggregate_round(run.shared, sources, report, num_sources, run.weights,

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -54,6 +53,20 @@ from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
 from fedrep.config import MULTI_DOMAIN
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
+from fedrep.protocol import (
+    GATE,
+    LOCAL_STEPS,
+    NODE_ROLE,
+    NUM_EXAMPLES,
+    PASSED_FRACTION,
+    SERVER_ROUND,
+    SOURCE_WEIGHTS,
+    TRAIN_LOSS,
+    ActionResult,
+    focus_key,
+    source_of_record,
+    teacher_bn_record,
+)
 
 SOURCE_ACTION, TARGET_ACTION = "kd3a_source", "kd3a_target"  # Flower: identifiers
 TARGET_PARTITION = 0
@@ -132,21 +145,6 @@ def _buffer_name(param: str) -> str:
     return param.replace(".", "__")
 
 
-@dataclass(frozen=True)
-class ActionResult:
-    """What an action sends back: arrays (a state dict), scalar metrics, and further named state
-    dicts that travel as their own array records in the same reply."""
-
-    arrays: dict[str, torch.Tensor]
-    metrics: dict[str, float | int] = field(default_factory=dict)
-    extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-
-
-def teacher_bn_record(pid: int) -> str:
-    """Name of the array record carrying source ``pid``'s BN statistics as the target saw them."""
-    return f"source-{pid}-bn"
-
-
 def local_batches(num_samples: int, batch_size: int, rounds_per_epoch: float) -> int:
     """Batches per round: one epoch's batches divided by r (at least one)."""
     per_epoch = math.ceil(num_samples / batch_size)
@@ -202,7 +200,7 @@ class KD3ARule(ClientUpdateRule):
             inputs: dict[str, dict[str, torch.Tensor]], config: dict, generator: torch.Generator
             ) -> ActionResult:
         role = "target" if partition == TARGET_PARTITION else "source"
-        declared = config.get("node-role")
+        declared = config.get(NODE_ROLE)
         if declared is not None and declared != role:
             raise RuntimeError(f"this node's config says role={declared!r}, but partition {partition} is "
                                f"a {role} (partition 0 is the target); fix the node's --node-config")
@@ -213,8 +211,8 @@ class KD3ARule(ClientUpdateRule):
         if action == TARGET_ACTION:
             if partition != TARGET_PARTITION:
                 raise RuntimeError(f"partition {partition} is a source but got the target task")
-            weights = torch.tensor([float(w) for w in config["source-weights"]])
-            return self.adapt_target(model, data, inputs, float(config["gate"]), weights, generator, config)
+            weights = torch.tensor([float(w) for w in config[SOURCE_WEIGHTS]])
+            return self.adapt_target(model, data, inputs, float(config[GATE]), weights, generator, config)
         raise ValueError(f"KD3A has no action {action!r}")
 
     def round_lr(self, server_round: int) -> float:
@@ -226,7 +224,7 @@ class KD3ARule(ClientUpdateRule):
 
     def _optimizer(self, model: SplitModel, config: dict) -> torch.optim.Optimizer:
         """SGD at this round's rate, resuming the party's momentum when it keeps one."""
-        lr = self.round_lr(int(config.get("server-round", 1)))
+        lr = self.round_lr(int(config.get(SERVER_ROUND, 1)))
         optimizer = make_optimizer(model, self.cfg.model_copy(update={"lr": lr}))
         if isinstance(model, WithMomentum) and self.cfg.momentum > 0:
             model.load_into(optimizer)
@@ -250,8 +248,8 @@ class KD3ARule(ClientUpdateRule):
             model.keep_from(optimizer)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()
                  if not k.startswith("momentum.")}  # the network; the momentum stays home
-        return ActionResult(state, {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
-                                    "local-steps": count})
+        return ActionResult(state, {TRAIN_LOSS: total / max(seen, 1), NUM_EXAMPLES: data.num_train,
+                                    LOCAL_STEPS: count})
 
     # -- target -----------------------------------------------------------------------------------
     def adapt_target(self, model: SplitModel, data: ClientData, sources: dict[str, dict[str, torch.Tensor]],
@@ -260,7 +258,7 @@ class KD3ARule(ClientUpdateRule):
         """One round of target adaptation; ``sources`` maps 'source-<pid>' to a full state dict.
 
         Never reads ``data.y_train`` (withheld labels)."""
-        names = sorted(sources, key=lambda n: int(n.rsplit("-", 1)[1]))
+        names = sorted(sources, key=source_of_record)
         vote_on_target_batches = self.options.teacher_batchnorm == "target-batch"
         teachers = []
         for name in names:
@@ -306,13 +304,13 @@ class KD3ARule(ClientUpdateRule):
         if isinstance(model, WithMomentum):
             model.keep_from(optimizer)
         state = model.state_dict()
-        metrics: dict[str, float | int] = {"train-loss": total / max(seen, 1), "num-examples": data.num_train,
-                                           "passed-fraction": passed / max(seen, 1), "local-steps": count}
+        metrics: dict[str, float | int] = {TRAIN_LOSS: total / max(seen, 1), NUM_EXAMPLES: data.num_train,
+                                           PASSED_FRACTION: passed / max(seen, 1), LOCAL_STEPS: count}
         for name, value in zip(names, focus.tolist(), strict=True):
-            metrics[f"focus-{name.rsplit('-', 1)[1]}"] = float(value)
+            metrics[focus_key(source_of_record(name))] = float(value)
         extra: dict[str, dict[str, torch.Tensor]] = {}
         if vote_on_target_batches and self.options.batchnorm != "local":
             for name, teacher in zip(names, teachers, strict=True):
-                extra[teacher_bn_record(int(name.rsplit("-", 1)[1]))] = {
+                extra[teacher_bn_record(source_of_record(name))] = {
                     k: v.detach().clone() for k, v in teacher.state_dict().items() if is_bn_buffer(k)}
         return ActionResult({k: state[k].detach().clone() for k in self.shared_keys(model)}, metrics, extra)
