@@ -11,7 +11,7 @@ Measures, side by side in one invocation:
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
   from round 2 so that Ray actors are up and client data is cached, as in any long run;
 * flower-dispatch: the same with ``FEDREP_DISPATCH=flower``, i.e. Flower's own per-node message
-  dispatch loop instead of :mod:`fedrep.fast_dispatch` (what the one-pass dispatcher saves);
+  dispatch loop instead of :mod:`fedrep.flower_runtime` (what the one-pass dispatcher saves);
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
   rebuilds the model and reloads and re-partitions its data on every message, as ClientApps
   written the usual way do;

@@ -216,32 +216,13 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     """Run ``cfg`` (already validated; ``run-dir`` already decided) to completion with the
     ``client_app`` component (``module:attr``)."""
     quiet_flower_env()
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
-    from fedrep import fast_dispatch
+    from fedrep import flower_runtime
 
     try:
-        fast_dispatch.install()
+        flower_runtime.install()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     write_app_dir(cfg, app_dir, client_app)
-    run_config = cfg.to_flower()
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
-    run.primary_task_id = generate_rand_int_from_bytes(8)
-    run.federation_id = NOOP_FEDERATION_ID
-    run.override_config = dict(run_config)
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
     resources: dict[str, Any] = {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus}
     backend_config: dict[str, Any] = {"client_resources": resources, "init_args": {}}
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -254,19 +235,8 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
 
     previous = _quiet_on_interrupt()
     try:
-        _run_simulation(
-            num_supernodes=cfg.num_clients,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=SERVER_APP,
-            client_app_attr=client_app,
-            backend_name="ray",
-            backend_config=backend_config,
-            server_app_context=context,
-            app_dir=str(app_dir),
-            run=run,
-            verbose_logging=verbose,
-            is_app=True,
-        )
+        flower_runtime.run_simulation(cfg.to_flower(), cfg.num_clients, SERVER_APP, client_app,
+                                      backend_config, app_dir, verbose)
     finally:
         ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
         if previous is not None:

@@ -25,8 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from fedrep import fast_dispatch
-from fedrep.fast_dispatch import take_undelivered
+from fedrep import flower_runtime as fast_dispatch
+from fedrep.flower_runtime import take_undelivered
 
 # partition -> messages for it, in push order; partition 2 gets two, 4 none
 PUSHES = [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (2, "e"), (5, "f")]
@@ -129,3 +129,27 @@ def test_install_follows_the_environment(monkeypatch):
             fast_dispatch.install()
     finally:
         vce_api.add_messages_to_queue = original
+
+
+def test_the_installed_flower_has_every_internal_fedrep_uses():
+    """An upgrade that moves an internal fails here, not silently in the speed of every run."""
+    from fedrep.flower_runtime import internals_problems
+
+    assert internals_problems() == []
+
+
+def test_a_mismatch_is_one_loud_line_and_flowers_dispatch(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]):
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    problem = "_run_simulation lacks parameters ['run']"
+    monkeypatch.setattr(fast_dispatch, "internals_problems", lambda: [problem])
+    monkeypatch.delenv(fast_dispatch.ENV_VAR, raising=False)
+    before = vce_api.add_messages_to_queue
+    try:
+        assert fast_dispatch.install() == "flower"
+        assert vce_api.add_messages_to_queue is fast_dispatch._STOCK
+    finally:
+        vce_api.add_messages_to_queue = before
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no longer matches" in line and "_run_simulation lacks parameters" in line
