@@ -10,8 +10,12 @@ import numpy as np
 def weighted_average(
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
 ) -> dict[str, np.ndarray]:
-    """sum_i w_i * theta_i / sum_i w_i per key (FedAvg/FedRep body aggregation, weights = sample
-    counts). Accumulates in float64; returns each array in its input dtype."""
+    """sum_i w_i * theta_i / sum_i w_i per key: the one weighted average of the platform (FedAvg and
+    FedRep bodies, weights = sample counts or equal; KD3A's domain-weighted models).
+
+    Accumulates in float64 and returns each array in its input dtype; integer arrays (BatchNorm's
+    ``num_batches_tracked``) are rounded to the nearest integer, so equal counts stay equal (a plain
+    cast would truncate 2.9999 to 2)."""
     if not updates:
         raise ValueError("weighted_average needs at least one update")
     keys = list(updates[0][0])
@@ -26,7 +30,10 @@ def weighted_average(
         acc = np.zeros(np.shape(updates[0][0][key]), dtype=np.float64)
         for arrays, weight in updates:
             acc += np.asarray(arrays[key], dtype=np.float64) * (weight / total)
-        out[key] = acc.astype(np.asarray(updates[0][0][key]).dtype)
+        dtype = np.asarray(updates[0][0][key]).dtype
+        if np.issubdtype(dtype, np.integer):
+            np.rint(acc, out=acc)
+        out[key] = acc.astype(dtype)
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedrep.config import RunConfig
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, is_batchnorm
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,7 @@ def _head_only(model: SplitModel, trainable: frozenset[str]) -> bool:
 
 def batchnorm_layers(model: nn.Module) -> tuple[str, ...]:
     """Module names of every BatchNorm layer (1d, 2d, 3d, sync), in model order."""
-    return tuple(name for name, m in model.named_modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return tuple(name for name, m in model.named_modules() if is_batchnorm(m))
 
 
 def min_batch_size(model: nn.Module) -> int:

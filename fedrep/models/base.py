@@ -14,6 +14,20 @@ from torch import nn
 
 Task = Literal["classification", "regression"]
 
+# State-dict buffers a BatchNorm layer keeps besides its affine weight and bias.
+BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """Every BatchNorm flavour (1d, 2d, 3d, SyncBatchNorm): the one test fedrep uses for
+    "this layer keeps batch statistics" (minimum batch size, FedBN, KD3A's BN alignment)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def is_bn_buffer(key: str) -> bool:
+    """Whether a state-dict key is a BatchNorm running statistic or batch counter."""
+    return key.rsplit(".", 1)[-1] in BN_BUFFER_SUFFIXES
+
 
 class SplitModel(nn.Module):
     """``forward(x) = head(body(x))``; ``body`` is the shared representation phi, ``head`` is h_i."""
@@ -38,5 +52,5 @@ class SplitModel(nn.Module):
     def body_is_deterministic(self) -> bool:
         """True when the body has no train-time randomness or batch statistics, i.e. its output
         for a sample does not depend on train/eval mode or on the rest of the batch."""
-        stochastic = (nn.Dropout, nn.Dropout2d, nn.modules.batchnorm._BatchNorm)
-        return not any(isinstance(m, stochastic) for m in self.body.modules())
+        return not any(isinstance(m, nn.modules.dropout._DropoutNd) or is_batchnorm(m)
+                       for m in self.body.modules())

@@ -39,9 +39,9 @@ from fedrep.algorithms.kd3a.weights import (
     aggregate_state_dicts,
     domain_weights,
     initial_domain_weights,
-    is_bn_buffer,
     moving_average_weights,
 )
+from fedrep.models.base import is_bn_buffer
 
 # The official consensus focus is the exact Shapley value.
 consensus_focus_official = consensus_focus_exact

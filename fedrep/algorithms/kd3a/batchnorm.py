@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+from fedrep.models.base import is_batchnorm
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def collect_bn_inputs(model: nn.Module) -> Iterator[dict[str, BNStats]]:
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, BATCHNORM_TYPES):
+        if is_batchnorm(module):
             handles.append(module.register_forward_pre_hook(make_hook(name)))
     try:
         yield stats

@@ -30,7 +30,6 @@ averaged and the target only evaluates the global model.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 import torch
@@ -46,13 +45,12 @@ from fedrep.algorithms.kd3a.consensus import (
     subset_qualities,
 )
 from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
-from fedrep.algorithms.kd3a.schedule import official_cosine_lr
+from fedrep.algorithms.kd3a.schedule import official_cosine_lr, training_schedule
 from fedrep.algorithms.kd3a.vote import knowledge_vote
-from fedrep.algorithms.kd3a.weights import is_bn_buffer
 from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
 from fedrep.config import MULTI_DOMAIN
 from fedrep.data.federated import ClientData
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, is_bn_buffer
 from fedrep.protocol import (
     GATE,
     LOCAL_STEPS,
@@ -146,9 +144,15 @@ def _buffer_name(param: str) -> str:
 
 
 def local_batches(num_samples: int, batch_size: int, rounds_per_epoch: float) -> int:
-    """Batches per round: one epoch's batches divided by r (at least one)."""
-    per_epoch = math.ceil(num_samples / batch_size)
-    return max(1, round(per_epoch / rounds_per_epoch))
+    """Batches a party trains per round: :func:`~fedrep.algorithms.kd3a.schedule.training_schedule`
+    (the official ``decentralized_training_strategy``) with the party's own samples as the epoch,
+    r >= 1 cutting an epoch into r rounds; r < 1 repeats the epoch 1/r times (official ``train.py``
+    for the sources). At least one batch."""
+    if rounds_per_epoch >= 1:
+        per_round, _ = training_schedule(rounds_per_epoch, num_samples, batch_size, 1)
+        return max(1, per_round)
+    per_epoch, _ = training_schedule(1, num_samples, batch_size, 1)
+    return max(1, per_epoch * round(1 / rounds_per_epoch))
 
 
 def _batches(n: int, batch_size: int, count: int, generator: torch.Generator):

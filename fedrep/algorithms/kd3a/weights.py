@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedrep.algorithms.aggregate import weighted_average
+from fedrep.models.base import is_bn_buffer
+
 # Official ``update_domain_weight`` default, used by ``train.py``.
 DOMAIN_WEIGHT_MOMENTUM = 0.9
-# State-dict buffers that ``nn.BatchNorm*`` keeps; averaged only when BN statistics are aggregated.
-BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def initial_domain_weights(num_sources: int) -> Tensor:
@@ -99,11 +100,6 @@ def moving_average_weights(
     return momentum * previous + (1.0 - momentum) * new
 
 
-def is_bn_buffer(key: str) -> bool:
-    """Whether a state-dict key is a BatchNorm running statistic or batch counter."""
-    return key.rsplit(".", 1)[-1] in BN_BUFFER_SUFFIXES
-
-
 def aggregate_state_dicts(
     states: Sequence[Mapping[str, Tensor]], weights: Tensor, aggregate_bn_statistics: bool = True
 ) -> dict[str, Tensor]:
@@ -119,7 +115,8 @@ def aggregate_state_dicts(
       the official sources' statistics at that point were gathered on the target's batches during
       the vote, which :class:`~fedrep.algorithms.kd3a.rule.KD3ARule` reproduces), and
       ``num_batches_tracked`` too (official: a float weighted sum copied back into the long buffer,
-      i.e. truncated; here rounded to the nearest integer so equal counts stay equal).
+      i.e. truncated; here rounded to the nearest integer so equal counts stay equal, the rule of
+      :func:`fedrep.algorithms.aggregate.weighted_average`, which does the arithmetic).
     - ``batchnorm_mmd=False`` (``aggregate_bn_statistics=False`` here): only ``named_parameters`` are
       averaged (BN's affine weight and bias included); BN buffers stay each model's own. Here they are
       left out of the result, so every participant keeps its local ones.
@@ -136,7 +133,6 @@ def aggregate_state_dicts(
         raise ValueError(
             f"aggregate_state_dicts: weights must be non-negative with a positive sum, got {w.tolist()}"
         )
-    w = w / w.sum()
     keys = list(states[0])
     for i, state in enumerate(states[1:], start=1):
         if list(state) != keys:
@@ -144,16 +140,7 @@ def aggregate_state_dicts(
                 f"aggregate_state_dicts: state {i} has keys {sorted(set(state) ^ set(keys))} that state 0 "
                 "does not share (or a different order); aggregate models of one architecture"
             )
-    out: dict[str, Tensor] = {}
-    for key in keys:
-        if not aggregate_bn_statistics and is_bn_buffer(key):
-            continue
-        reference = states[0][key]
-        acc = torch.zeros(reference.shape, dtype=torch.float64)
-        for weight, state in zip(w.tolist(), states, strict=True):
-            acc += weight * state[key].detach().to(device="cpu", dtype=torch.float64)
-        if reference.is_floating_point():
-            out[key] = acc.to(reference.dtype)
-        else:
-            out[key] = acc.round().to(reference.dtype)
-    return out
+    kept = [k for k in keys if aggregate_bn_statistics or not is_bn_buffer(k)]
+    averaged = weighted_average([({k: state[k].detach().cpu().numpy() for k in kept}, weight)
+                                 for state, weight in zip(states, w.tolist(), strict=True)])
+    return {k: torch.from_numpy(averaged[k]) for k in kept}
