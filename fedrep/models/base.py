@@ -54,3 +54,22 @@ class SplitModel(nn.Module):
         for a sample does not depend on train/eval mode or on the rest of the batch."""
         return not any(isinstance(m, nn.modules.dropout._DropoutNd) or is_batchnorm(m)
                        for m in self.body.modules())
+
+
+def conv_stack(in_channels: int, *widths: int, kernel: int = 5) -> list[nn.Module]:
+    """The convolutional front of the FedAvg-era CNNs (the paper's CNNs, CNN_FEMNIST, PFLlib's
+    FedAvgCNN): per width a valid ``kernel`` x ``kernel`` conv, ReLU and 2x2 max-pooling, then a
+    flatten. Each spatial side goes ``s -> (s - kernel + 1) // 2``."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, kernel), nn.ReLU(), nn.MaxPool2d(2, 2)]
+        in_channels = width
+    return [*layers, nn.Flatten()]
+
+
+def dense_stack(*sizes: int) -> list[nn.Module]:
+    """Fully connected layers ``sizes[0] -> sizes[1] -> ...``, each followed by ReLU."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(sizes, sizes[1:], strict=False):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return layers

@@ -10,24 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, conv_stack, dense_stack
 
 
 def _body(in_channels: int, image_size: int) -> nn.Sequential:
     side = ((image_size - 4) // 2 - 4) // 2  # two 5x5 valid convs, each followed by 2x2 pooling
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 64, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2, 2),
-        nn.Conv2d(64, 64, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2, 2),
-        nn.Flatten(),
-        nn.Linear(64 * side * side, 120),
-        nn.ReLU(),
-        nn.Linear(120, 64),
-        nn.ReLU(),
-    )
+    return nn.Sequential(*conv_stack(in_channels, 64, 64), *dense_stack(64 * side * side, 120, 64))
 
 
 class PaperCNN(SplitModel):

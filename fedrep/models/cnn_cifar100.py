@@ -10,23 +10,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, conv_stack, dense_stack
 
 
 class CifarCNN100(SplitModel):
     def __init__(self, num_classes: int = 100, in_channels: int = 3) -> None:
-        body = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Conv2d(64, 128, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Flatten(),
-            nn.Linear(128 * 5 * 5, 256),
-            nn.ReLU(),
-            nn.Linear(256, 128),
-            nn.ReLU(),
-            nn.Dropout(0.6),
-        )
+        body = nn.Sequential(*conv_stack(in_channels, 64, 128), *dense_stack(128 * 5 * 5, 256, 128),
+                             nn.Dropout(0.6))
         super().__init__(body, nn.Linear(128, num_classes))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, conv_stack, dense_stack
 
 
 class FedAvgCNN(SplitModel):
@@ -18,15 +18,5 @@ class FedAvgCNN(SplitModel):
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
             raise ValueError(f"FedAvgCNN needs images of at least 16x16 pixels, got {image_size}")
-        body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Conv2d(32, 64, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Flatten(),
-            nn.Linear(64 * side * side, 512),
-            nn.ReLU(),
-        )
+        body = nn.Sequential(*conv_stack(in_channels, 32, 64), *dense_stack(64 * side * side, 512))
         super().__init__(body, nn.Linear(512, num_classes))

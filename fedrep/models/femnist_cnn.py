@@ -12,22 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedrep.models.base import SplitModel
+from fedrep.models.base import SplitModel, conv_stack, dense_stack
 
 
 class FemnistCNN(SplitModel):
     def __init__(self, num_classes: int = 10) -> None:
-        body = nn.Sequential(
-            nn.Conv2d(1, 4, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Conv2d(4, 12, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2, 2),
-            nn.Flatten(),
-            nn.Linear(12 * 4 * 4, 120),
-            nn.ReLU(),
-            nn.Linear(120, 100),
-            nn.ReLU(),
-        )
+        body = nn.Sequential(*conv_stack(1, 4, 12), *dense_stack(12 * 4 * 4, 120, 100))
         super().__init__(body, nn.Linear(100, num_classes))
