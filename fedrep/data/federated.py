@@ -164,13 +164,23 @@ def _leaf_data(key: DataKey, client: int) -> ClientData:
 
 
 def _pfllib_data(key: DataKey, client: int) -> ClientData:
-    """A PFLlib client's arrays as PFLlib's generator saved them (already normalised)."""
+    """A PFLlib client's arrays as PFLlib's generator saved them (already normalised). Its two
+    compressed pickles are checked and decoded once per machine into the cache and memory-mapped
+    after, as every other loader does."""
     from fedrep.data.partition_file import load_pfllib_client
+    from fedrep.data.store import cached_arrays, decoded_dir
 
-    x_train, y_train, x_test, y_test = load_pfllib_client(Path(key.partition_file), client)
-    return ClientData(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
-                        (x_train.astype(np.float32), y_train.astype(np.int64),
-                         x_test.astype(np.float32), y_test.astype(np.int64))))
+    root = Path(key.partition_file)
+    sources = [root / "train" / f"{client}.npz", root / "test" / f"{client}.npz"]
+    names = ("x-train", "y-train", "x-test", "y-test")
+
+    def decode() -> dict[str, np.ndarray]:
+        x_train, y_train, x_test, y_test = load_pfllib_client(root, client)
+        return dict(zip(names, (x_train.astype(np.float32), y_train.astype(np.int64),
+                                x_test.astype(np.float32), y_test.astype(np.int64)), strict=True))
+
+    arrays = cached_arrays(decoded_dir("pfllib", sources, f"client-{client}"), names, decode)
+    return ClientData(*(torch.from_numpy(np.array(arrays[n])) for n in names))
 
 
 def _labels(labels: np.ndarray, idx: np.ndarray) -> torch.Tensor:
