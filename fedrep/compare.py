@@ -503,7 +503,7 @@ def seed_summary(labels: list[str], seeds: list[int], runs: dict[tuple[str, int]
         for key in (PAPER_METRIC, "accuracy-mean", "accuracy-finetuned-mean"):
             values = [float(x[key]) for x in summaries if x.get(key) is not None]
             row[f"{key}-mean"], row[f"{key}-std"] = _mean_std(values)
-        diffs, better, worse = [], 0, 0
+        diffs, tuned, better, worse = [], [], 0, 0
         for s in done:
             if label == reference or (reference, s) not in runs:
                 continue
@@ -514,7 +514,9 @@ def seed_summary(labels: list[str], seeds: list[int], runs: dict[tuple[str, int]
                 diffs.append(acc["mean-difference"])
                 better += acc["reference-better"]
                 worse += acc["reference-worse"]
+            tuned += [p["mean-difference"] for p in pair if p["metric"] == "accuracy-finetuned"]
         row["paired-difference-mean"], row["paired-difference-std"] = _mean_std(diffs)
+        row["paired-finetuned-mean"], row["paired-finetuned-std"] = _mean_std(tuned)
         row["paired-seeds"], row["reference-better"], row["reference-worse"] = len(diffs), better, worse
         rows.append(row)
     return rows
@@ -529,16 +531,18 @@ def write_seed_table(rows: list[dict[str, Any]], seeds: list[int], out: Path) ->
 
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± std over the seeds each strategy finished.", "",
              f"| strategy | seeds | paper's metric | final mean local acc. | after head fine-tune | "
-             f"{reference} minus this, per client (mean ± std over seeds) | {reference} better / worse |",
-             "|---|---|---|---|---|---|---|"]
+             f"{reference} minus this, per client (mean ± std over seeds) | the same after both fine-tune | "
+             f"{reference} better / worse |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         paired = ("-" if r["paired-difference-mean"] is None else
                   f"{r['paired-difference-mean']:+.4f} ± {r['paired-difference-std']:.4f} "
                   f"({r['paired-seeds']} seeds)")
         wins = "-" if r["strategy"] == reference or not r["paired-seeds"] else \
             f"{r['reference-better']} / {r['reference-worse']}"
+        tuned = ("-" if r["paired-finetuned-mean"] is None else
+                 f"{r['paired-finetuned-mean']:+.4f} ± {r['paired-finetuned-std']:.4f}")
         lines.append(f"| {r['strategy']} | {r['seeds']} | {pm(r, PAPER_METRIC)} | {pm(r, 'accuracy-mean')} | "
-                     f"{pm(r, 'accuracy-finetuned-mean')} | {paired} | {wins} |")
+                     f"{pm(r, 'accuracy-finetuned-mean')} | {paired} | {tuned} | {wins} |")
     lines += ["", "Paper's metric: test-size-weighted mean local accuracy averaged over the last 10 rounds "
               "(official main_fedrep.py `accs10`). Paired: per seed, the mean over clients of the "
               f"difference in final local accuracy ({reference} minus the strategy, same clients and "
