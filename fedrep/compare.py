@@ -250,14 +250,21 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def final_client_metrics(run: RunDir) -> dict[int, dict[str, float]]:
-    """Each client's evaluation metrics at the run's last evaluation round, by partition.
+def final_client_metrics(run: RunDir, new: bool = False) -> dict[int, dict[str, float]]:
+    """Each client's evaluation metrics at the run's last evaluation round, by partition: the
+    federation's clients, or (``new=True``) the held-out new clients (``new-clients``), whose
+    last-round replies are their generalisation results.
 
     All strategies of a comparison share partitions and each client's test set, so these are
     paired samples: comparing them client by client removes the between-client spread that
     dominates the table's ± (the std of clients' accuracies, not an error bar).
     """
-    evaluations = [r for r in run.read_audit() if r["kind"] == "evaluate" and not r.get("error")]
+    from fedrep.algorithms.sampling import new_clients
+
+    cfg = run.saved_config()
+    held_out = new_clients(cfg.num_clients, cfg.new_clients, cfg.seed)
+    evaluations = [r for r in run.read_audit() if r["kind"] == "evaluate" and not r.get("error")
+                   and (int(r["partition"]) in held_out) == new]
     if not evaluations:
         return {}
     last = max(r["round"] for r in evaluations)
@@ -436,9 +443,14 @@ def _compare_at(configs: dict[str, RunConfig], out: Path, only: list[str] | None
     if len(runs) > 1:  # the first finished strategy of the file is the reference
         clients = {n: final_client_metrics(r) for n, r in runs.items()}
         paired = paired_differences(clients, next(iter(runs)))
+        newcomers = paired_differences({n: final_client_metrics(r, new=True) for n, r in runs.items()},
+                                       next(iter(runs)))
         if paired:
             with (out / "results.md").open("a") as fh:
                 fh.write("\n" + paired_table(paired))
+                if newcomers:
+                    fh.write("\nThe new clients (held out of training, then trained from the final "
+                             "model), paired the same way:\n\n" + paired_table(newcomers))
             with (out / "paired.csv").open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(paired[0]))
                 writer.writeheader()

@@ -159,3 +159,7 @@ def test_new_clients_train_only_after_the_run_from_the_final_model(tmp_path: Pat
     assert row["new-clients-accuracy-finetuned-mean"] == pytest.approx(expected)
     assert row["eval-clients"] == 4  # the federation's own evaluation leaves them out
     assert "new clients after 3 epochs" in proc.stderr
+    from fedrep.compare import final_client_metrics  # compare pairs the two groups apart
+
+    assert set(final_client_metrics(run)) == set(range(6)) - held
+    assert set(final_client_metrics(run, new=True)) == held
