@@ -261,8 +261,11 @@ def final_client_metrics(run: RunDir, new: bool = False) -> dict[int, dict[str, 
     """
     from fedrep.algorithms.sampling import new_clients
 
-    cfg = run.saved_config()
-    held_out = new_clients(cfg.num_clients, cfg.new_clients, cfg.seed)
+    try:
+        cfg = run.saved_config()
+        held_out = new_clients(cfg.num_clients, cfg.new_clients, cfg.seed)
+    except (ConfigError, OSError):  # a folder without its config: no new clients to tell apart
+        held_out = frozenset()
     evaluations = [r for r in run.read_audit() if r["kind"] == "evaluate" and not r.get("error")
                    and (int(r["partition"]) in held_out) == new]
     if not evaluations:
