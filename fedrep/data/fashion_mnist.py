@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrep.data.store import DataError, Split, cache_dir
+from fedrep.data.store import DataError, Split, cache_dir, data_dirs, downloads_allowed
 from fedrep.files import atomic_write, numpy_bytes
 
 __all__ = ["DataError", "Split", "cache_dir", "load", "locate", "load_array", "download", "decode_idx"]
@@ -71,14 +71,7 @@ FILES: dict[str, IdxFile] = {
 
 
 def _candidates(explicit: str | os.PathLike[str] | None) -> list[Path]:
-    dirs: list[Path] = []
-    if explicit:
-        return [Path(explicit)]
-    if os.environ.get("FEDREP_DATA_DIR"):
-        return [Path(os.environ["FEDREP_DATA_DIR"])]
-    dirs.append(DEBIAN_DIR)
-    dirs.append(cache_dir() / "fashion-mnist" / "raw")
-    return dirs
+    return data_dirs(explicit, DEBIAN_DIR, cache_dir() / "fashion-mnist" / "raw")
 
 
 def _find_file(directory: Path, stem: str) -> Path | None:
@@ -155,8 +148,7 @@ def locate(data_dir: str | os.PathLike[str] | None = None, allow_download: bool 
                 f"{directory} holds {len(present)} of 4 Fashion-MNIST files; missing "
                 f"{', '.join(str(directory / m) + '(.gz)' for m in missing)}. {HOW_TO_GET}"
             )
-    explicit = bool(data_dir) or bool(os.environ.get("FEDREP_DATA_DIR"))
-    if allow_download and not explicit and os.environ.get("FEDREP_OFFLINE") != "1":
+    if allow_download and downloads_allowed(data_dir):
         target = cache_dir() / "fashion-mnist" / "raw"
         download(target)
         return target
