@@ -220,6 +220,13 @@ class Federation(RoundProgram):
                     return sent.metadata.dst_node_id
         return reply.metadata.src_node_id
 
+    def send_and_collect(self, grid: Grid, content: RecordDict, nodes: list[int], kind: str,
+                         timeout: float) -> list[Message]:
+        """Send ``content`` as a ``kind`` message to each node and wait; the replies that are not
+        errors (errors go to :attr:`last_failures` and, for vanished nodes, to the lost list)."""
+        messages = self._address(content, nodes, kind)
+        return self._split_replies(grid.send_and_receive(messages, timeout=timeout))
+
     def _split_replies(self, replies: Iterable[Message]) -> list[Message]:
         ok, self.last_failures = [], []
         for reply in replies:

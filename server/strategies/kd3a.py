@@ -18,7 +18,7 @@ A source that fails or is lost gets weight 0 for the round; a lost target fails 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -26,8 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedrep.algorithms.kd3a import aggregate_state_dicts, confidence_gate, initial_domain_weights
-from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
+from fedrep.algorithms.kd3a.round import TargetReport, run_round
 from fedrep.algorithms.kd3a.rule import (
     SOURCE_ACTION,
     TARGET_ACTION,
@@ -81,79 +80,31 @@ class KD3AStrategy(Federation):
         self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
 
     # -- one round -------------------------------------------------------------------------------
-    def _send(self, grid: Grid, content: RecordDict, nodes: list[int], kind: str,
-              timeout: float) -> list[Message]:
-        messages = self._address(content, nodes, kind)
-        return self._split_replies(grid.send_and_receive(messages, timeout=timeout))
-
     def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                     timeout: float) -> TrainOutcome:
-        """Sources, then the target with every source's model; the domain-weighted aggregate."""
+        """Sources, then the target with every source's model; the domain-weighted aggregate
+        (:func:`~fedrep.algorithms.kd3a.round.run_round`, the round the in-process loop runs)."""
         self.server_round = server_round
         known = self.discover(grid)
         node_of = {pid: node for node, pid in known.items()}
         if TARGET_PARTITION not in node_of:
             raise RuntimeError(f"round {server_round}: the target ({self.domains[0]}, partition 0) is "
                                "not connected; KD3A cannot adapt without it")
-        sources = [pid for pid in range(1, len(self.domains)) if pid in node_of]
         config[SERVER_ROUND] = server_round
-        source_content = RecordDict({ARRAYS: arrays, CONFIG: config})
-        sent = arrays.count_bytes() * len(sources)
-        replies = self._send(grid, source_content, [node_of[p] for p in sources],
-                             f"{MessageType.TRAIN}.{SOURCE_ACTION}", timeout)
-        models = {int(r.content[METRICS][PARTITION_ID]): r.content[ARRAYS] for r in replies}
-        metrics: dict[str, Any] = {
-            "train-clients": len(replies), "train-failures": len(self.last_failures),
-            "bytes-to-each-source": arrays.count_bytes(),
-            "bytes-from-each-source": max((m.count_bytes() for m in models.values()), default=0)}
-        for r in replies:
-            pid = int(r.content[METRICS][PARTITION_ID])
-            metrics[f"source-loss-{self.domains[pid]}"] = float(r.content[METRICS][TRAIN_LOSS])
-        if not models:
-            raise RuntimeError(f"round {server_round}: every source failed; see the log")
-        global_state = _tensors(arrays)
-        if self.options.mode == "source-only":
-            states = [_tensors(models[p]) for p in sorted(models)]
-            averaged = aggregate_state_dicts(states, torch.ones(len(states)))
-            return TrainOutcome(to_record({k: v.numpy() for k, v in averaged.items()}), metrics, sent)
-
-        num_sources = len(self.domains) - 1
-        previous = self.weights if self.weights is not None else initial_domain_weights(num_sources)
-        gate = confidence_gate(server_round - 1, self.cfg.num_rounds, self.options.gate_begin,
-                               self.options.gate_end)
-        target_config = ConfigRecord({
-            **dict(config), GATE: gate,
-            SOURCE_WEIGHTS: [float(previous[p]) for p in sorted(models)],
-        })
-        target_content = RecordDict({ARRAYS: arrays, CONFIG: target_config,
-                                     **{source_record(p): models[p] for p in sorted(models)}})
-        metrics["bytes-to-target"] = sum(r.count_bytes() for r in target_content.array_records.values())
-        sent += metrics["bytes-to-target"]
-        (target_reply,) = self._send(grid, target_content, [node_of[TARGET_PARTITION]],
-                                     f"{MessageType.TRAIN}.{TARGET_ACTION}", timeout) or (None,)
-        if target_reply is None:
-            raise RuntimeError(f"round {server_round}: the target failed: {self.last_failures}")
-        target_metrics = target_reply.content[METRICS]
-        metrics["bytes-from-target"] = sum(
-            r.count_bytes() for r in target_reply.content.array_records.values())
-        passed = float(target_metrics[PASSED_FRACTION])
-        records = target_reply.content.array_records
-        report = TargetReport(
-            arrays=_tensors(records[ARRAYS]), passed_fraction=passed,
-            focus={p: float(target_metrics[focus_key(p)]) for p in models},
-            teacher_bn={p: _tensors(records[teacher_bn_record(p)]) for p in models
-                        if teacher_bn_record(p) in records})
-        result = aggregate_round(global_state, {p: _tensors(models[p]) for p in models}, report,
-                                 num_sources, self.weights, self.options.consensus_focus,
-                                 self.options.weight_momentum)
-        self.weights, focus, averaged = result.weights, result.focus, result.state
-        metrics.update({"passed-fraction": passed, "gate": gate,
-                        "train-loss": float(target_metrics[TRAIN_LOSS])})
-        for p, domain in enumerate(self.domains):
-            metrics[f"weight-{domain}"] = float(self.weights[p])
-            if p > 0:
-                metrics[f"focus-{domain}"] = float(focus[p - 1])
-        return TrainOutcome(to_record({k: v.numpy() for k, v in averaged.items()}), metrics, sent)
+        parties = _GridParties(self, grid, node_of, arrays, config, timeout)
+        outcome = run_round(server_round, _tensors(arrays), parties, self.options, self.cfg.num_rounds,
+                            len(self.domains) - 1, self.weights)
+        self.weights = outcome.weights
+        metrics = parties.metrics
+        if outcome.report is not None and outcome.weights is not None and outcome.focus is not None:
+            metrics.update({"passed-fraction": outcome.report.passed_fraction, "gate": outcome.gate,
+                            "train-loss": outcome.report.train_loss})
+            for p, domain in enumerate(self.domains):
+                metrics[f"weight-{domain}"] = float(outcome.weights[p])
+                if p > 0:
+                    metrics[f"focus-{domain}"] = float(outcome.focus[p - 1])
+        state = to_record({k: v.numpy() for k, v in outcome.state.items()})
+        return TrainOutcome(state, metrics, parties.sent)
 
     # -- evaluation ------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -174,3 +125,57 @@ class KD3AStrategy(Federation):
             accuracy = float(reply.content[METRICS][ACCURACY])
             out["target-accuracy" if pid == TARGET_PARTITION else f"accuracy-{self.domains[pid]}"] = accuracy
         return out
+
+
+class _GridParties:
+    """:class:`~fedrep.algorithms.kd3a.round.KD3AParties` over Flower messages: ``train.kd3a-source``
+    to every connected source, then one ``train.kd3a-target`` carrying every source model (the
+    records the sources sent, forwarded as they came). Counts bytes and per-source losses."""
+
+    def __init__(self, strategy: KD3AStrategy, grid: Grid, node_of: dict[int, int], arrays: ArrayRecord,
+                 config: ConfigRecord, timeout: float) -> None:
+        self.strategy, self.grid, self.node_of = strategy, grid, node_of
+        self.arrays, self.config, self.timeout = arrays, config, timeout
+        self.records: dict[int, ArrayRecord] = {}
+        self.metrics: dict[str, Any] = {}
+        self.sent = 0
+
+    def _send(self, content: RecordDict, nodes: list[int], kind: str) -> list[Message]:
+        return self.strategy.send_and_collect(self.grid, content, nodes, kind, self.timeout)
+
+    def train_sources(self, server_round: int, global_state: Mapping[str, torch.Tensor]
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+        sources = [pid for pid in range(1, len(self.strategy.domains)) if pid in self.node_of]
+        self.sent = self.arrays.count_bytes() * len(sources)
+        replies = self._send(RecordDict({ARRAYS: self.arrays, CONFIG: self.config}),
+                             [self.node_of[p] for p in sources], f"{MessageType.TRAIN}.{SOURCE_ACTION}")
+        self.records = {int(r.content[METRICS][PARTITION_ID]): r.content[ARRAYS] for r in replies}
+        self.metrics.update({
+            "train-clients": len(replies), "train-failures": len(self.strategy.last_failures),
+            "bytes-to-each-source": self.arrays.count_bytes(),
+            "bytes-from-each-source": max((m.count_bytes() for m in self.records.values()), default=0)})
+        for r in replies:
+            pid = int(r.content[METRICS][PARTITION_ID])
+            self.metrics[f"source-loss-{self.strategy.domains[pid]}"] = float(r.content[METRICS][TRAIN_LOSS])
+        return {pid: _tensors(record) for pid, record in self.records.items()}
+
+    def adapt_target(self, server_round: int, global_state: Mapping[str, torch.Tensor],
+                     sources: Mapping[int, Mapping[str, torch.Tensor]], gate: float,
+                     source_weights: list[float]) -> TargetReport:
+        config = ConfigRecord({**dict(self.config), GATE: gate, SOURCE_WEIGHTS: source_weights})
+        content = RecordDict({ARRAYS: self.arrays, CONFIG: config,
+                              **{source_record(p): self.records[p] for p in sources}})
+        self.metrics["bytes-to-target"] = sum(r.count_bytes() for r in content.array_records.values())
+        self.sent += self.metrics["bytes-to-target"]
+        (reply,) = self._send(content, [self.node_of[TARGET_PARTITION]],
+                              f"{MessageType.TRAIN}.{TARGET_ACTION}") or (None,)
+        if reply is None:
+            raise RuntimeError(f"round {server_round}: the target failed: {self.strategy.last_failures}")
+        metrics, records = reply.content[METRICS], reply.content.array_records
+        self.metrics["bytes-from-target"] = sum(r.count_bytes() for r in records.values())
+        return TargetReport(
+            arrays=_tensors(records[ARRAYS]), passed_fraction=float(metrics[PASSED_FRACTION]),
+            focus={p: float(metrics[focus_key(p)]) for p in sources},
+            teacher_bn={p: _tensors(records[teacher_bn_record(p)]) for p in sources
+                        if teacher_bn_record(p) in records},
+            train_loss=float(metrics[TRAIN_LOSS]))

@@ -1,5 +1,5 @@
-"""KD3A rounds in one process, without Flower: the client rule and :func:`aggregate_round`, called
-in the order the Flower strategy calls them.
+"""KD3A rounds in one process, without Flower: :func:`~fedrep.algorithms.kd3a.round.run_round`
+(the round the Flower strategy runs) with parties reached by direct calls to the client rule.
 
 For fast behaviour tests (negative transfer, ablations) and quick studies; the Flower app remains
 what runs and deploys. Uses the same per-(seed, round, party) random streams as the ClientApp.
@@ -7,20 +7,25 @@ what runs and deploys. Uses the same per-(seed, round, party) random streams as 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from fedrep.algorithms.kd3a.round import TargetReport, aggregate_round
+from fedrep.algorithms.kd3a.round import TargetReport, run_round
 from fedrep.algorithms.kd3a.rule import TARGET_PARTITION, KD3AOptions, KD3ARule
-from fedrep.algorithms.kd3a.schedule import confidence_gate
-from fedrep.algorithms.kd3a.weights import aggregate_state_dicts, initial_domain_weights
 from fedrep.algorithms.training import EVAL, TRAIN, round_generator
 from fedrep.config import RunConfig
 from fedrep.data.federated import load_client_data
 from fedrep.models import build_model
-from fedrep.protocol import PASSED_FRACTION, SERVER_ROUND, focus_key, source_record, teacher_bn_record
+from fedrep.protocol import (
+    PASSED_FRACTION,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    focus_key,
+    source_record,
+    teacher_bn_record,
+)
 
 
 def _copy(model: torch.nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -39,6 +44,46 @@ class KD3ARun:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class _InProcessParties:
+    """:class:`KD3AParties` by direct calls to the rule, with the ClientApp's random streams."""
+
+    def __init__(self, cfg: RunConfig, rule: KD3ARule, model: torch.nn.Module, run: KD3ARun) -> None:
+        self.cfg, self.rule, self.model, self.run = cfg, rule, model, run
+        self.personal_keys = rule.personal_keys(model)
+
+    def _load(self, pid: int, global_state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict({**global_state, **self.run.personal[pid]})
+
+    def train_sources(self, server_round: int, global_state: Mapping[str, torch.Tensor]
+                      ) -> dict[int, dict[str, torch.Tensor]]:
+        sources = {}
+        for pid in range(1, self.cfg.num_clients):
+            self._load(pid, global_state)
+            result = self.rule.train_source(self.model, load_client_data(self.cfg, pid),
+                                            round_generator(self.cfg.seed, server_round, pid, TRAIN),
+                                            {SERVER_ROUND: server_round})
+            self.run.personal[pid] = _copy(self.model, self.personal_keys)
+            sources[pid] = result.arrays
+        return sources
+
+    def adapt_target(self, server_round: int, global_state: Mapping[str, torch.Tensor],
+                     sources: Mapping[int, Mapping[str, torch.Tensor]], gate: float,
+                     source_weights: list[float]) -> TargetReport:
+        self._load(TARGET_PARTITION, global_state)
+        teachers = {source_record(p): dict(state) for p, state in sources.items()}
+        generator = round_generator(self.cfg.seed, server_round, TARGET_PARTITION, TRAIN)
+        data = load_client_data(self.cfg, TARGET_PARTITION)
+        result = self.rule.adapt_target(self.model, data, teachers, gate, torch.tensor(source_weights),
+                                        generator, {SERVER_ROUND: server_round})
+        self.run.personal[TARGET_PARTITION] = _copy(self.model, self.personal_keys)
+        return TargetReport(
+            arrays=result.arrays, passed_fraction=float(result.metrics[PASSED_FRACTION]),
+            focus={p: float(result.metrics[focus_key(p)]) for p in sources},
+            teacher_bn={p: result.extra[teacher_bn_record(p)] for p in sources
+                        if teacher_bn_record(p) in result.extra},
+            train_loss=float(result.metrics[TRAIN_LOSS]))
+
+
 def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
              on_round: Callable[[int, KD3ARun], None] | None = None) -> KD3ARun:
     """``rounds`` KD3A rounds (default ``cfg.num_rounds``); every source answers every round."""
@@ -48,42 +93,17 @@ def run_kd3a(cfg: RunConfig, options: KD3AOptions, rounds: int | None = None,
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run = KD3ARun(shared={k: initial[k] for k in shared_keys},
                   personal={p: {k: initial[k] for k in personal_keys} for p in range(cfg.num_clients)})
-    num_sources = cfg.num_clients - 1
+    parties = _InProcessParties(cfg, rule, model, run)
     torch.set_num_threads(cfg.client_threads)  # as each ClientApp does
     for server_round in range(1, (cfg.num_rounds if rounds is None else rounds) + 1):
-        sources: dict[int, dict[str, torch.Tensor]] = {}
-        for pid in range(1, num_sources + 1):
-            model.load_state_dict({**run.shared, **run.personal[pid]})
-            result = rule.train_source(model, load_client_data(cfg, pid),
-                                       round_generator(cfg.seed, server_round, pid, TRAIN),
-                                       {SERVER_ROUND: server_round})
-            run.personal[pid] = _copy(model, personal_keys)
-            sources[pid] = result.arrays
+        outcome = run_round(server_round, run.shared, parties, options, cfg.num_rounds,
+                            cfg.num_clients - 1, run.weights)
+        run.shared, run.weights = outcome.state, outcome.weights
         row: dict[str, float] = {"round": server_round}
-        if options.mode == "source-only":
-            averaged = aggregate_state_dicts([sources[p] for p in sorted(sources)], torch.ones(len(sources)))
-            run.shared = {k: averaged[k] for k in shared_keys}
-        else:
-            previous = run.weights if run.weights is not None else initial_domain_weights(num_sources)
-            gate = confidence_gate(server_round - 1, cfg.num_rounds, options.gate_begin, options.gate_end)
-            model.load_state_dict({**run.shared, **run.personal[TARGET_PARTITION]})
-            result = rule.adapt_target(
-                model, load_client_data(cfg, TARGET_PARTITION),
-                {source_record(p): state for p, state in sources.items()}, gate, previous[1:].clone(),
-                round_generator(cfg.seed, server_round, TARGET_PARTITION, TRAIN),
-                {SERVER_ROUND: server_round})
-            run.personal[TARGET_PARTITION] = _copy(model, personal_keys)
-            report = TargetReport(
-                arrays=result.arrays, passed_fraction=float(result.metrics[PASSED_FRACTION]),
-                focus={p: float(result.metrics[focus_key(p)]) for p in sources},
-                teacher_bn={p: result.extra[teacher_bn_record(p)] for p in sources
-                            if teacher_bn_record(p) in result.extra})
-            aggregate = aggregate_round(run.shared, sources, report, num_sources, run.weights,
-                                        options.consensus_focus, options.weight_momentum)
-            run.shared, run.weights = aggregate.state, aggregate.weights
-            row.update({"passed-fraction": report.passed_fraction,
-                        **{f"weight-{p}": float(w) for p, w in enumerate(aggregate.weights)},
-                        **{f"focus-{p}": float(f) for p, f in enumerate(aggregate.focus, start=1)}})
+        if outcome.report is not None and outcome.weights is not None and outcome.focus is not None:
+            row.update({"passed-fraction": outcome.report.passed_fraction,
+                        **{f"weight-{p}": float(w) for p, w in enumerate(outcome.weights)},
+                        **{f"focus-{p}": float(f) for p, f in enumerate(outcome.focus, start=1)}})
         run.history.append(row)
         if on_round is not None:
             on_round(server_round, run)

@@ -1,20 +1,30 @@
-"""The server half of one KD3A round as plain PyTorch: turn the target's report into domain weights
-and the new global extractor.
+"""The server half of one KD3A round as plain PyTorch: who is asked what in which order
+(:func:`run_round`), and how the target's report becomes domain weights and the new global
+extractor (:func:`aggregate_round`).
 
 The Flower strategy (``server/strategies/kd3a.py``) and the in-process loop
-(:mod:`fedrep.algorithms.kd3a.inprocess`) both call :func:`aggregate_round`, so the arithmetic the
-robustness tests check is the arithmetic a deployment runs.
+(:mod:`fedrep.algorithms.kd3a.inprocess`) differ only in how they reach the parties (messages on a
+grid, or direct calls to the rule): both implement :class:`KD3AParties` and call
+:func:`run_round`, so the round the robustness tests check is the round a deployment runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from fedrep.algorithms.kd3a.weights import aggregate_state_dicts, domain_weights, moving_average_weights
+from fedrep.algorithms.kd3a.rule import KD3AOptions
+from fedrep.algorithms.kd3a.schedule import confidence_gate
+from fedrep.algorithms.kd3a.weights import (
+    aggregate_state_dicts,
+    domain_weights,
+    initial_domain_weights,
+    moving_average_weights,
+)
 
 StateDict = Mapping[str, Tensor]
 
@@ -29,6 +39,7 @@ class TargetReport:
     passed_fraction: float
     focus: dict[int, float]
     teacher_bn: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    train_loss: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -74,3 +85,50 @@ def aggregate_round(
             states.append(global_state)
             this_round[pid] = 0.0
     return RoundAggregate(aggregate_state_dicts(states, this_round), weights, focus)
+
+
+class KD3AParties(Protocol):
+    """How a round reaches the parties: Flower messages on a grid, or direct calls in one process."""
+
+    def train_sources(self, server_round: int, global_state: StateDict) -> dict[int, dict[str, Tensor]]:
+        """Every reachable source trains from ``global_state``; each answer's whole model by
+        partition id (1..S). Sources that fail are simply absent."""
+        ...
+
+    def adapt_target(self, server_round: int, global_state: StateDict, sources: Mapping[int, StateDict],
+                     gate: float, source_weights: list[float]) -> TargetReport:
+        """The target adapts with ``sources`` (in partition order, ``source_weights`` alike)."""
+        ...
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """One round's result: the new global shared arrays and what the round measured. ``weights``
+    stays the previous moving average for source-only rounds (no target step, no weights)."""
+
+    state: dict[str, Tensor]
+    sources: dict[int, dict[str, Tensor]]
+    weights: Tensor | None = None
+    focus: Tensor | None = None
+    gate: float | None = None
+    report: TargetReport | None = None
+
+
+def run_round(server_round: int, global_state: StateDict, parties: KD3AParties, options: KD3AOptions,
+              num_rounds: int, num_sources: int, previous_weights: Tensor | None) -> RoundOutcome:
+    """One KD3A round (official ``train.py``'s order): the sources train, the target votes and
+    adapts with the round's confidence gate, and the domain-weighted average gives the new global
+    arrays. ``mode = "source-only"`` averages the sources' models instead (no target step)."""
+    sources = parties.train_sources(server_round, global_state)
+    if not sources:
+        raise RuntimeError(f"round {server_round}: every source failed; see the log")
+    if options.mode == "source-only":
+        averaged = aggregate_state_dicts([sources[p] for p in sorted(sources)], torch.ones(len(sources)))
+        return RoundOutcome({k: averaged[k] for k in global_state}, sources, previous_weights)
+    previous = previous_weights if previous_weights is not None else initial_domain_weights(num_sources)
+    gate = confidence_gate(server_round - 1, num_rounds, options.gate_begin, options.gate_end)
+    report = parties.adapt_target(server_round, global_state, {p: sources[p] for p in sorted(sources)},
+                                  gate, [float(previous[p]) for p in sorted(sources)])
+    result = aggregate_round(global_state, sources, report, num_sources, previous_weights,
+                             options.consensus_focus, options.weight_momentum)
+    return RoundOutcome(result.state, sources, result.weights, result.focus, gate, report)
