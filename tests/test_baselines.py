@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from single_process import evaluate_all, run_reference
 
 from fedrep.algorithms.ditto import DittoPair
 from fedrep.algorithms.training import EVAL, round_generator
 from fedrep.config import ConfigError, parse_run_config
 from fedrep.data.federated import ClientData
 from fedrep.models import build_model
-from fedrep.reference import evaluate_all, run_reference
 from fedrep.registry import get_strategy
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from single_process import run_kd3a
 
 from conftest import fedrep_cli
-from fedrep.algorithms.kd3a.inprocess import run_kd3a
 from fedrep.algorithms.kd3a.rule import KD3AOptions, KD3ARule, local_batches
 from fedrep.config import ConfigError, parse_run_config
 from fedrep.data.federated import WITHHELD_LABEL, ClientData, load_client_data

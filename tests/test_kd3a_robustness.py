@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 
 import pytest
+from single_process import run_kd3a, target_accuracy
 
-from fedrep.algorithms.kd3a.inprocess import run_kd3a, target_accuracy
 from fedrep.algorithms.kd3a.rule import KD3AOptions
 from fedrep.config import parse_run_config
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from single_process import run_reference
 
 from fedrep.algorithms.fedavg import FedAvgUpdate
 from fedrep.algorithms.fedrep import FedRepUpdate
@@ -18,7 +19,6 @@ from fedrep.data.synthetic import (
     ground_truth_representation,
     principal_angle_distance,
 )
-from fedrep.reference import run_reference
 
 LINEAR = {
     "dataset": "linear-synthetic", "model": "linear", "num-clients": 100, "fraction-train": 0.1,

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from single_process import run_reference
 
 from conftest import SMALL_FMNIST, fedrep_cli
 from fedrep.algorithms.fedrep import FedRepUpdate
-from fedrep.reference import run_reference
 from fedrep.results import RunDir
 from fedrep.simulation import clients_at_once, worker_runtime_env
 

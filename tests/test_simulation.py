@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from single_process import run_reference
 
 from conftest import SMALL_FMNIST, fedrep_cli
 from fedrep.algorithms.fedrep import FedRepUpdate
 from fedrep.config import parse_run_config
 from fedrep.models import build_model
-from fedrep.reference import run_reference
 from fedrep.results import RunDir, client_state_file
 
 pytestmark = pytest.mark.e2e

@@ -2,10 +2,10 @@
 (:func:`run_round`), and how the target's report becomes domain weights and the new global
 extractor (:func:`aggregate_round`).
 
-The Flower strategy (``server/strategies/kd3a.py``) and the in-process loop
-(:mod:`fedrep.algorithms.kd3a.inprocess`) differ only in how they reach the parties (messages on a
-grid, or direct calls to the rule): both implement :class:`KD3AParties` and call
-:func:`run_round`, so the round the robustness tests check is the round a deployment runs.
+The Flower strategy (``server/strategies/kd3a.py``) reaches the parties with messages on a grid;
+the tests' single-process oracle (``tests/single_process.py``) with direct calls to the rule.
+Both implement :class:`KD3AParties` and call :func:`run_round`, so the round the robustness tests
+check is the round a deployment runs.
 """
 
 from __future__ import annotations
