@@ -5,6 +5,12 @@ ClientApp a flat ``{key: value}`` run config (``[tool.flwr.app.config]`` in ``py
 with ``--run-config`` overrides); experiment files are flat TOML with the same keys; CLI flags map
 onto the same keys. Keys are kebab-case, as Flower writes them.
 
+The keys are declared by their owners, by concern (:mod:`fedrep.keys`): the core run keys here
+(:class:`CoreKeys`), the built-in rules' local-update keys in :mod:`fedrep.algorithms.update_keys`,
+and each data-set family's facts (:class:`~fedrep.keys.DatasetSpec`) and keys in
+``fedrep/data/*_spec.py``. A strategy plugin's own options are its pydantic model, given under
+``strategy-options`` and validated by the plugin.
+
 Defaults follow the FedRep paper (Collins et al., ICML 2021) and its official code
 (github.com/lgcollins/FedRep, ``utils/options.py`` and ``scripts/FedRep_cifar10_2shards.sh``);
 each field's description says where its default comes from.
@@ -23,8 +29,6 @@ from typing import Any, Literal
 
 import tomllib
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -32,103 +36,30 @@ from pydantic import (
     model_validator,
 )
 
-DATASET_NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "linear-synthetic": 1,
-                                        "fmnist-domains": 10, "digit-five": 10, "cifar10": 10,
-                                        "cifar100": 100, "femnist": 10, "sent140": 2,
-                                        "pfllib": 0}  # pfllib: the folder's config.json says
+from fedrep.algorithms.update_keys import LocalUpdateKeys
+from fedrep.data import domains_spec, images_spec, leaf_spec, linear_spec
+from fedrep.data.domains_spec import MULTI_DOMAIN, DomainKeys
+from fedrep.data.images_spec import ImageKeys
+from fedrep.data.leaf_spec import LeafKeys
+from fedrep.data.linear_spec import LinearTaskKeys
+from fedrep.keys import ConfigError, DatasetSpec, KeySection, kebab
+
+# Every data set, as its family declares it (fedrep/data/*_spec.py).
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for family in (images_spec, leaf_spec, linear_spec, domains_spec) for spec in family.SPECS
+}
 # The models each data set can run; the first is the default, the official code's choice.
-DATASET_MODELS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("cnn", "mlp", "cnn-bn", "fedavg-cnn"),
-    "linear-synthetic": ("linear",),
-    "fmnist-domains": ("cnn-bn", "kd3a-digit"),
-    "digit-five": ("cnn-bn", "kd3a-digit"),
-    "cifar10": ("cnn", "fedavg-cnn", "mlp"),  # official get_model: CNNCifar (scripts/FedRep_cifar10_*)
-    "cifar100": ("cnn-cifar100", "cnn", "fedavg-cnn", "mlp"),  # official: CNNCifar100
-    "femnist": ("mlp", "femnist-cnn", "cnn", "fedavg-cnn"),  # official FedRep_femnist.sh: --model mlp
-    "sent140": ("lstm",),  # official RNNSent
-    "pfllib": ("fedavg-cnn", "cnn", "mlp"),  # PFLlib's own CNN first
-}
-# What the official FedRep script for a data set sets differently from our defaults (which are
-# scripts/FedRep_cifar10_2shards.sh: n=100, s=2, 10 head + 1 body epochs, batch 10, lr 0.01).
-# Applied when the data set is given and the key is not (so `fedrep run --dataset femnist` is the
-# official FEMNIST setting); `num-rounds` stays short (10) for every data set. head-epochs is the
-# official --local_ep minus --local_rep_ep.
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # scripts/FedRep_cifar100_20shards.sh, FedRep_femnist.sh, FedRep_sent140.sh
-    "cifar100": {"classes-per-client": 20, "head-epochs": 10, "body-epochs": 5},
-    "femnist": {"num-clients": 150, "head-epochs": 10, "body-epochs": 5},
-    "sent140": {"num-clients": 183, "head-epochs": 10, "body-epochs": 5, "batch-size": 4},
-}
-# Data sets whose clients are fixed by the data (LEAF's writers / Twitter users).
-NATURAL_CLIENTS = ("femnist", "sent140")
-# Data sets whose train/test arrays a JSON index partition file can point into.
-INDEXABLE = ("fashion-mnist", "cifar10", "cifar100")
-FEMNIST_CLASS_COUNTS = {"digits": 10, "letters-a-j": 10, "all": 62}
+DATASET_MODELS: dict[str, tuple[str, ...]] = {name: spec.models for name, spec in DATASETS.items()}
+NATURAL_CLIENTS = tuple(name for name, spec in DATASETS.items() if spec.natural_clients)
+INDEXABLE = tuple(name for name, spec in DATASETS.items() if spec.indexable)
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
 
-# Multi-domain data sets (KD3A): one client per domain, partition 0 is the unlabelled target.
-MULTI_DOMAIN = ("fmnist-domains", "digit-five")
-DEFAULT_DOMAINS = {"fmnist-domains": ("original", "inverted", "mnistm-style", "rotated", "lowres-noise"),
-                   "digit-five": ("mnist", "mnistm", "svhn", "syn", "usps")}
+__all__ = ["ConfigError", "RunConfig", "parse_run_config", "DATASETS", "MULTI_DOMAIN"]
 
 
-def _expand_sources(sources: str) -> list[str]:
-    """``"original*2, inverted"`` -> ``["original", "original", "inverted"]``: ``name*k`` gives a
-    domain k source nodes, which split its data between them."""
-    out: list[str] = []
-    for item in (s.strip() for s in sources.split(",")):
-        if not item:
-            continue
-        name, star, count = item.partition("*")
-        if star and not (count.strip().isdigit() and int(count) >= 1):
-            raise ValueError(f"source-domains item {item!r}: write name*k with a whole k >= 1, "
-                             "e.g. original*3")
-        out += [name.strip()] * (int(count) if star else 1)
-    return out
-
-
-def domain_layout(dataset: str, target: str, sources: str, irrelevant: bool) -> list[str]:
-    """The domain of each partition of a multi-domain set: target first, then the sources
-    (``sources`` comma-separated, ``name*k`` for k nodes of one domain, empty = all other
-    domains), then the irrelevant source."""
-    if dataset not in MULTI_DOMAIN:
-        return []
-    chosen = _expand_sources(sources) or [d for d in DEFAULT_DOMAINS[dataset] if d != target]
-    return [target, *chosen, *(["irrelevant"] if irrelevant else [])]
-
-
-def party_names(layout: list[str]) -> list[str]:
-    """A unique name per partition for metrics: the domain, or ``domain-j`` (j = 1..k) when k
-    nodes share it."""
-    counts = {d: layout.count(d) for d in layout}
-    seen: dict[str, int] = {}
-    names = []
-    for domain in layout:
-        seen[domain] = seen.get(domain, 0) + 1
-        names.append(domain if counts[domain] == 1 else f"{domain}-{seen[domain]}")
-    return names
-
-
-def domain_share(layout: list[str], partition: int) -> tuple[int, int]:
-    """(j, k): partition is the j-th (0-based) of the k nodes sharing its domain."""
-    domain = layout[partition]
-    return layout[:partition].count(domain), layout.count(domain)
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key and the fix."""
-
-
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
-
-
-class RunConfig(BaseModel):
-    """Everything one federated run needs. Field aliases are the run-config keys."""
-
-    model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True,
-        allow_inf_nan=False,  # lr = inf would only diverge later
-    )
+class CoreKeys(KeySection):
+    """The keys every run has, whatever its strategy and data set."""
 
     # --- what to run -----------------------------------------------------------------------
     strategy: str = Field(
@@ -140,8 +71,7 @@ class RunConfig(BaseModel):
         description="The strategy plugin's own options as a TOML inline table, e.g. '{mu = 0.01}' "
         "(see `fedrep strategies`).",
     )
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "femnist", "sent140", "pfllib",
-                     "linear-synthetic", "fmnist-domains", "digit-five"] = Field(
+    dataset: DatasetName = Field(
         "fashion-mnist", description="Data set: Fashion-MNIST IDX files; the paper's Table 1 sets "
         "'cifar10'/'cifar100' (python-pickle archives) and 'femnist'/'sent140' (LEAF JSON, LEAF's "
         "writers / Twitter users as clients; sent140 also needs GloVe vectors); 'pfllib' (a "
@@ -193,46 +123,9 @@ class RunConfig(BaseModel):
         "/usr/share/datasets/fashion-mnist, then download.",
     )
 
-    augment: bool = Field(
-        True, description="CIFAR-10/100: random crop (padding 4) and horizontal flip of train "
-        "images, as the official train transform (utils/train_utils.py trans_cifar*_train); no "
-        "effect on other data sets. Turns off head-feature caching (features change every epoch).")
-    femnist_classes: Literal["digits", "letters-a-j", "all"] = Field(
-        "digits", description="femnist: which LEAF classes to keep, relabelled from 0. The official "
-        "script trains a 10-class model (scripts/FedRep_femnist.sh --num_classes 10) on a selection "
-        "it does not publish (main_fedrep.py reads data/mytrain); 'digits' are the only ten LEAF "
-        "labels such a model takes unchanged (0-9); 'letters-a-j', or 'all' 62 classes.")
-    lstm_input: Literal["words", "official-view"] = Field(
-        "words", description="sent140 'lstm': 'words' feeds 25 steps of 300-d word vectors; "
-        "'official-view' reproduces the official forward's emb.view(300, batch, 25) (models/Nets.py "
-        "RNNSent), which reinterprets that memory as 300 steps of 25 numbers.")
-
     model_width: int = Field(
         0, ge=0, description="cnn-bn: channels of the first conv layer (0 = 32; 64 is the official "
         "digit network's width). Narrow models make fast tests.")
-
-    # --- multi-domain data (KD3A) ------------------------------------------------------------------
-    target_domain: str = Field(
-        "mnistm-style", description="Multi-domain sets: the unlabelled target domain (partition 0)."
-    )
-    source_domains: str = Field(
-        "", description="Multi-domain sets: comma-separated labelled source domains (partitions 1..S); "
-        "empty = every other domain of the set.",
-    )
-    irrelevant_source: bool = Field(
-        False, description="fmnist-domains: add a source whose images carry no class information "
-        "(KD3A's negative-transfer experiment).",
-    )
-    malicious_domain: str = Field(
-        "", description="Multi-domain sets: a source domain whose labels are poisoned (empty = none).")
-    poison_fraction: float = Field(
-        0.0, ge=0, le=1, description="Share of the malicious domain's labels relabelled to (y+1) mod C.")
-
-    # --- linear synthetic task (paper Sec. 5) ----------------------------------------------------
-    linear_dim: int = Field(20, ge=1, description="d, ambient dimension (paper Fig. 2: d=20).")
-    linear_rank: int = Field(2, ge=1, description="k, representation rank (paper Fig. 2: k=2).")
-    linear_samples: int = Field(10, ge=1, description="m, train samples per client.")
-    linear_noise: float = Field(1e-3, ge=0, description="Std of additive label noise.")
 
     # --- rounds and participation ----------------------------------------------------------------
     num_rounds: int = Field(
@@ -245,42 +138,16 @@ class RunConfig(BaseModel):
     )
     eval_every: int = Field(1, ge=1, description="Evaluate every k rounds (and always at the last).")
 
-    # --- local update (FedRep: tau_h head epochs, then tau_b body epochs) ------------------------
-    head_epochs: int = Field(
-        10, ge=0, description="tau_h: head epochs with the body frozen (official local_ep 11 - 1)."
-    )
-    body_epochs: int = Field(
-        1, ge=0, description="tau_b: body epochs with the head frozen (official local_rep_ep=1)."
-    )
-    local_epochs: int = Field(
-        1, ge=0, description="Epochs of joint training for strategies that train all layers together "
-        "(official FedAvg scripts: local_ep=1)."
-    )
-    lr: float = Field(0.01, gt=0, description="SGD learning rate (official lr=0.01).")
-    momentum: float = Field(0.5, ge=0, lt=1, description="SGD momentum (official 0.5).")
-    weight_decay: float = Field(
-        1e-4, ge=0, description="Weight decay on non-bias parameters (official 1e-4)."
-    )
-    batch_size: int = Field(10, ge=1, description="Local batch size B (official local_bs=10).")
-
     new_clients: float = Field(
         0.0, ge=0, lt=1, description="Share of the clients held out of training (the paper's "
         "generalisation to new clients): they never train and are not evaluated during the run; "
         "after the last round each trains from the final model for new-client-epochs (FedRep: a "
         "head on the final representation; FedAvg+FT: its fine-tune) and reports new-clients-* "
         "metrics.")
-    new_client_epochs: int = Field(
-        10, ge=1, description="Epochs each new (held-out) client trains after the run (new-clients).")
     aggregation_weights: Literal["samples", "equal", "official"] = Field(
         "samples", description="How the server weights the clients' shared parameters: by train "
         "sample count (FedAvg's rule), 'equal', or 'official': as the official main_fedrep.py "
         "(lens = ones for CIFAR/MNIST: equal; LEAF: sample counts). Identical on equal shards.")
-    cache_head_features: bool = Field(
-        True,
-        description="Compute body features once per local update for head-only epochs when the "
-        "body is deterministic (same result, far fewer FLOPs).",
-    )
-
     # --- reproducibility, resources and output --------------------------------------------------
     seed: int = Field(
         1, ge=0, description="Seeds data split, model init, sampling and shuffles (official 1)."
@@ -297,13 +164,6 @@ class RunConfig(BaseModel):
     wait_for_clients: float = Field(
         120.0, ge=0, description="Seconds the server waits for all num-clients nodes to connect."
     )
-    final_finetune_epochs: int = Field(
-        10,
-        ge=0,
-        description="At the last evaluation every client also reports accuracy after this many "
-        "head-only epochs on the final body (official code's last round: max(10, tau_h) epochs); "
-        "the tuned head is not kept.",
-    )
     on_damaged_head: Literal["stop", "restart"] = Field(
         "stop",
         description="A client whose saved head (client-state file) cannot be read: 'stop' the run "
@@ -314,23 +174,30 @@ class RunConfig(BaseModel):
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")
 
+
+class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys):
+    """Everything one federated run needs: the core keys and every concern's section, one flat
+    key space (field aliases are the run-config keys). Each section checks its own keys; the
+    checks across sections (a model that fits the data set, a partition the data set allows) are
+    here."""
+
     @model_validator(mode="before")
     @classmethod
     def _dataset_defaults(cls, values: Any) -> Any:
         """A data set given without a model or partition gets its own (the official model; LEAF's
         users as clients; a PFLlib folder's clients) and the official script's settings
-        (:data:`DATASET_DEFAULTS`) for keys not given, so `--dataset sent140` is a whole run."""
+        (:attr:`DatasetSpec.defaults`) for keys not given, so `--dataset sent140` is a whole run."""
         if not isinstance(values, dict):
             return values
-        dataset = values.get("dataset", "fashion-mnist")
-        if dataset not in DATASET_MODELS:
+        spec = DATASETS.get(values.get("dataset", "fashion-mnist"))
+        if spec is None:
             return values
         out = dict(values)
         if "model" not in out:
-            out["model"] = DATASET_MODELS[dataset][0]
-        if "partition" not in out and dataset in (*NATURAL_CLIENTS, "pfllib"):
-            out["partition"] = "file" if dataset == "pfllib" else "natural"
-        for key, value in DATASET_DEFAULTS.get(dataset, {}).items():
+            out["model"] = spec.models[0]
+        if "partition" not in out and spec.default_partition:
+            out["partition"] = spec.default_partition
+        for key, value in spec.defaults.items():
             if key not in out and key.replace("-", "_") not in out:
                 out[key] = value
         return out
@@ -370,10 +237,10 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        models = DATASET_MODELS[self.dataset]
-        if self.model not in models:
+        spec = DATASETS[self.dataset]
+        if self.model not in spec.models:
             raise ValueError(
-                f"model {self.model!r} does not fit dataset {self.dataset!r}; use one of {models}"
+                f"model {self.model!r} does not fit dataset {self.dataset!r}; use one of {spec.models}"
             )
         self._check_partition()
         n_classes = self.num_classes()
@@ -386,27 +253,7 @@ class RunConfig(BaseModel):
                 f"classes-per-client={self.classes_per_client} exceeds the {n_classes} classes of "
                 f"{self.dataset}; use 1..{n_classes}"
             )
-        if self.linear_rank > self.linear_dim:
-            raise ValueError(
-                f"linear-rank={self.linear_rank} exceeds linear-dim={self.linear_dim}; need k <= d"
-            )
-        if self.dataset in MULTI_DOMAIN:
-            domains = self.domain_layout()
-            known = DEFAULT_DOMAINS[self.dataset]
-            for name in domains:
-                if name not in (*known, "irrelevant"):
-                    raise ValueError(f"domain {name!r} is not a domain of {self.dataset}; use {known}")
-            if domains[0] in domains[1:]:
-                raise ValueError(f"target {domains[0]!r} is also listed as a source ({domains[1:]}); "
-                                 "leave it out of source-domains")
-            if self.num_clients != len(domains):
-                raise ValueError(
-                    f"num-clients={self.num_clients}, but {self.dataset} with target {domains[0]!r} and "
-                    f"sources {domains[1:]} has {len(domains)} parties; set num-clients={len(domains)}")
-            if self.malicious_domain and self.malicious_domain not in domains[1:]:
-                raise ValueError(
-                    f"malicious-domain {self.malicious_domain!r} is not a source ({domains[1:]})")
-        if self.new_clients and self.dataset in MULTI_DOMAIN:
+        if self.new_clients and spec.multi_domain:
             raise ValueError("new-clients holds clients out of training; a multi-domain set's "
                              "clients are its domains: leave new-clients at 0")
         if self.new_clients and round(self.new_clients * self.num_clients) >= self.num_clients:
@@ -444,17 +291,9 @@ class RunConfig(BaseModel):
 
     def num_classes(self) -> int:
         """Classes of the data set (0 for a PFLlib folder, whose config.json says)."""
-        if self.dataset == "femnist":
-            return FEMNIST_CLASS_COUNTS[self.femnist_classes]
-        return DATASET_NUM_CLASSES[self.dataset]
-
-    def domain_layout(self) -> list[str]:
-        """Multi-domain sets: the domain of each partition, target first."""
-        return domain_layout(self.dataset, self.target_domain, self.source_domains, self.irrelevant_source)
-
-    def party_names(self) -> list[str]:
-        """Multi-domain sets: a unique name per partition (``domain`` or ``domain-j``)."""
-        return party_names(self.domain_layout())
+        if self.dataset == leaf_spec.FEMNIST.name:
+            return self.femnist_num_classes()
+        return DATASETS[self.dataset].num_classes
 
     def to_flower(self) -> dict[str, Any]:
         """The flat kebab-case mapping Flower's run config carries."""
@@ -477,7 +316,7 @@ def toml_value(value: Any) -> str:
 
 
 def allowed_keys() -> list[str]:
-    return sorted(_kebab(name) for name in RunConfig.model_fields)
+    return sorted(kebab(name) for name in RunConfig.model_fields)
 
 
 def _describe(key: str) -> str:

@@ -170,3 +170,29 @@ def test_data_set_and_partition_mismatches_name_the_fix(values: dict, message: s
 
     with pytest.raises(ConfigError, match=message):
         parse_run_config(values)
+
+
+def test_keys_are_declared_by_their_concern_and_form_one_flat_key_space():
+    """The core model holds no data-set or local-update key; each section owns its keys and its
+    check, and RunConfig is exactly their union, so users see one flat key space."""
+    from fedrep.algorithms.update_keys import LocalUpdateKeys
+    from fedrep.config import DATASETS, CoreKeys
+    from fedrep.data.domains_spec import DomainKeys
+    from fedrep.data.images_spec import ImageKeys
+    from fedrep.data.leaf_spec import LeafKeys
+    from fedrep.data.linear_spec import LinearTaskKeys
+
+    sections = (LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys)
+    owned = [set(section.model_fields) for section in sections]
+    assert all(not (keys & set(CoreKeys.model_fields)) for keys in owned)
+    assert set().union(CoreKeys.model_fields, *owned) == set(RunConfig.model_fields)
+    assert {"head_epochs", "linear_dim", "target_domain", "femnist_classes", "augment"}.isdisjoint(
+        CoreKeys.model_fields)
+    # A section's own check keeps the flat error format: key names, the fix.
+    with pytest.raises(ConfigError, match="linear-rank=5 exceeds linear-dim=3; need k <= d"):
+        parse_run_config({"linear-rank": 5, "linear-dim": 3})
+    with pytest.raises(ConfigError, match="set num-clients=5"):
+        parse_run_config({"dataset": "fmnist-domains", "num-clients": 3})
+    # Each data set's facts come from its family's declaration.
+    assert DATASETS["cifar100"].num_classes == 100 and DATASETS["femnist"].natural_clients
+    assert parse_run_config({"dataset": "sent140"}).batch_size == DATASETS["sent140"].defaults["batch-size"]

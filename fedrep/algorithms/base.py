@@ -21,7 +21,8 @@ from fedrep.algorithms.training import (
     min_batch_size,
     run_phases,
 )
-from fedrep.config import MULTI_DOMAIN, RunConfig
+from fedrep.config import RunConfig
+from fedrep.data.domains_spec import MULTI_DOMAIN
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrep.config import DATASET_NUM_CLASSES, MULTI_DOMAIN, RunConfig, domain_layout, domain_share
+from fedrep.config import DATASETS, RunConfig
 from fedrep.data import fashion_mnist, partition
+from fedrep.data.domains_spec import MULTI_DOMAIN, domain_layout, domain_share
 from fedrep.data.store import Split
 from fedrep.data.synthetic import client_linear_data
 from fedrep.data.transforms import CIFAR_STATS, CropFlip, normalized_chw
@@ -96,7 +97,7 @@ def partitions(key: DataKey) -> tuple[partition.ClientIndices, ...]:
     """All clients' index sets for a partitioned data set (cheap: label arrays only)."""
     train, test = centralised_splits(key.dataset, key.data_dir)
     train_labels, test_labels = np.asarray(train.labels), np.asarray(test.labels)
-    classes = DATASET_NUM_CLASSES[key.dataset]
+    classes = DATASETS[key.dataset].num_classes
     if key.partition == "file":
         from fedrep.data.partition_file import read_index_partition
 

@@ -48,7 +48,7 @@ from fedrep.algorithms.kd3a.distill import mixup, target_distillation_loss
 from fedrep.algorithms.kd3a.schedule import official_cosine_lr, training_schedule
 from fedrep.algorithms.kd3a.vote import knowledge_vote
 from fedrep.algorithms.training import Phase, make_optimizer, shuffled_batches
-from fedrep.config import MULTI_DOMAIN
+from fedrep.data.domains_spec import MULTI_DOMAIN
 from fedrep.data.federated import ClientData
 from fedrep.models.base import SplitModel, is_bn_buffer
 from fedrep.protocol import (
