@@ -7,6 +7,8 @@ loaded once; a message costs only the local update.
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -51,6 +53,19 @@ from fedrep.results import HeadFileDamaged, run_folder_failure
 
 app = ClientApp()
 
+
+
+class _ActorShutdownFilter(logging.Filter):
+    """Flower's simulation actors log "Manually terminating ClientAppActor" at WARNING when the
+    run ends normally; Ray forwards it, so it would end every run's output. Dropped in the actor
+    process unless ``fedrep run --verbose`` (``FEDREP_QUIET_ACTORS`` unset)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Manually terminating")
+
+
+if os.environ.get("FEDREP_QUIET_ACTORS"):
+    logging.getLogger("flwr").addFilter(_ActorShutdownFilter())
 
 def _frozen(run_config: dict) -> tuple:
     return tuple(sorted(run_config.items()))

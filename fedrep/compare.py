@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedrep.algorithms.aggregate import PAPER_METRIC
-from fedrep.config import ConfigError, RunConfig, parse_run_config
+from fedrep.config import ConfigError, RunConfig, parse_run_config, read_toml
 from fedrep.results import RunDir
 
 # Run-config keys a comparison sets itself for every run.
@@ -89,12 +88,9 @@ def load_comparison(path: Path, sweep_value: Any = None, settings: dict[str, Any
     (at ``sweep_value`` of the sweep key, if the file sweeps one). ``settings`` (the command
     line's ``--set``) override the file for every strategy: the same comparison at another seed
     is ``--set seed=2`` into another ``--out``."""
-    if not path.is_file():
-        raise ConfigError(f"comparison file {path} does not exist")
+    data = read_toml(path, "comparison file")
     try:
-        spec = CompareConfig.model_validate(tomllib.loads(path.read_text()))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"comparison file {path} is not valid TOML: {err}") from None
+        spec = CompareConfig.model_validate(data)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: "
                              f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())

@@ -352,16 +352,27 @@ def parse_run_config(values: Mapping[str, Any], source: str = "run config") -> R
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's table, or one :class:`ConfigError` line naming the file and the problem
+    (missing, unreadable, not UTF-8 text, not TOML)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; pass an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                          "pass a TOML file") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be read: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def load_experiment_file(path: str | Path) -> dict[str, Any]:
     """Read a flat TOML experiment file (same keys as the run config). Validation happens later,
     after CLI overrides are merged, so the error names the final value."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist; pass an existing TOML file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"experiment file {path} is not valid TOML: {err}") from None
+    data = read_toml(path, "experiment file")
     # strategy-options is the one key whose value is a table ({mu = 0.01}); RunConfig takes it
     nested = [key for key, value in data.items()
               if isinstance(value, dict) and key not in ("strategy-options", "strategy_options")]

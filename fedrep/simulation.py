@@ -29,7 +29,8 @@ from fedrep.config import ConfigError, RunConfig, toml_value
 SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
 # Read by the clients (data location, cache, offline switch). A cluster's workers descend from its
 # raylets, not from this process, so they see these only if we pass them along.
-FORWARDED_ENV = ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR", "FEDREP_OFFLINE", "FEDREP_CLIENT_CACHE")
+FORWARDED_ENV = ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR", "FEDREP_OFFLINE", "FEDREP_CLIENT_CACHE",
+                 "FEDREP_QUIET_ACTORS")
 
 
 def check_component(reference: str) -> None:
@@ -136,6 +137,7 @@ def start_ray(cfg: RunConfig, verbose: bool = False, init_dir: Path | None = Non
     init_args: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}  # Ray inherits)
     if not verbose:
         init_args["logging_level"] = "WARNING"  # Flower's default for simulations
+        runtime_env["env_vars"]["FEDREP_QUIET_ACTORS"] = "1"  # see clients/app.py
     if not address:
         with _working_dir(init_dir):
             ray.init(address="local", include_dashboard=False, **init_args)

@@ -75,6 +75,12 @@ def test_config_file_errors_name_the_file(tmp_path: Path):
     exp.write_text("head-epochs = -2\n")
     assert "'head-epochs' = -2" in _fails("run", "--config", str(exp))
     assert "does not exist" in _fails("run", "--config", str(tmp_path / "none.toml"))
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\x80\xff\xfe binary")
+    for command in ("run", "compare"):
+        err = _fails(command, *(["--config"] if command == "run" else []), str(binary))
+        assert f"{binary} is not UTF-8 text" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_config_lists_every_key_with_default():
