@@ -3,6 +3,10 @@
 The algorithm math lives here as plain PyTorch; the Flower wiring is in the sibling ``server`` and
 ``clients`` packages, so this package imports without Flower's runtime being started.
 
+From Python (notebooks, scripts): ``fedrep.run(...)``, ``fedrep.resume(...)``, ``fedrep.run_comparison(...)``,
+``fedrep.open_run(...)`` and ``fedrep.load_model(...)`` (:mod:`fedrep.api`, which the CLI is a
+thin layer over).
+
 A strategy plugin needs only this package: ``from fedrep import StrategyPlugin, ClientUpdateRule,
 Phase, SharedAveraging`` (the server classes are imported on first use, so a SuperNode that only
 builds client halves never imports them).
@@ -16,8 +20,16 @@ try:
 except PackageNotFoundError:  # a source tree on sys.path without `pip install -e .`
     __version__ = "0+unknown"
 
-# The plugin API: name -> (module, attribute), imported when first asked for.
+# The public API: name -> (module, attribute), imported when first asked for.
 _API = {
+    # running experiments and using their models
+    "run": ("fedrep.api", "run"),
+    "resume": ("fedrep.api", "resume"),
+    "run_comparison": ("fedrep.api", "run_comparison"),
+    "open_run": ("fedrep.api", "open_run"),
+    "load_model": ("fedrep.api", "load_model"),
+    "Run": ("fedrep.api", "Run"),
+    # the plugin API
     "StrategyPlugin": ("fedrep.registry", "StrategyPlugin"),
     "ClientUpdateRule": ("fedrep.algorithms.base", "ClientUpdateRule"),
     "param_names": ("fedrep.algorithms.base", "param_names"),

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -20,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fedrep import __version__
+from fedrep.api import RunFailed, flwr_command
 from fedrep.config import (
     ConfigError,
     RunConfig,
     load_experiment_file,
     parse_override,
-    parse_run_config,
 )
 from fedrep.interrupts import Terminated, stop_on_sigterm
 
@@ -42,11 +40,6 @@ FLAG_KEYS = {
     "partition_file": "partition-file",
     "data_dir": "data-dir",
 }
-
-
-class RunFailed(RuntimeError):
-    """The federation ran but did not complete."""
-
 
 
 def prefer_installed_packages() -> None:
@@ -130,16 +123,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfig:
-    """Merge defaults, file, flags and --set into one validated config with run-dir decided.
-
-    ``local=False`` (a deployed SuperLink): the run folder is a path on the ServerApp's host,
-    kept relative so that it lands under the executor's working folder (its results volume)."""
-    from fedrep import runlock
-    from fedrep.results import RunDir, new_run_name
+    """Merge defaults, file, flags and --set into one validated config with run-dir decided
+    (:func:`fedrep.api.settle_config`)."""
+    from fedrep.api import settle_config
 
     values: dict[str, Any] = {}
-    if args.resume:
-        values.update(RunDir.open(args.resume).saved_config().to_flower())
     if args.config:
         values.update(load_experiment_file(args.config))
     for attr, key in FLAG_KEYS.items():
@@ -150,130 +138,7 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         values[key] = value
     if getattr(args, "restart_damaged_heads", False):
         values["on-damaged-head"] = "restart"
-    if args.resume:
-        values.update({"resume": True, "run-dir": str(Path(args.resume).resolve())})
-    for path_key in ("data-dir", "partition-file"):  # the clients do not run in this folder
-        if local and values.get(path_key):
-            values[path_key] = os.path.abspath(str(values[path_key]))
-    cfg = parse_run_config(values, "fedrep run configuration")
-    if cfg.run_dir and local:
-        check_path_lengths(cfg)  # before anything touches a path the OS would refuse
-    if cfg.run_dir and Path(cfg.run_dir).is_dir():
-        runlock.check_free(cfg.run_dir)  # name the process that holds it, whatever else is wrong
-    if not args.resume and cfg.run_dir and (Path(cfg.run_dir) / "state.json").exists():
-        raise ConfigError(f"run-dir {cfg.run_dir} already holds a run; resume it with "
-                          f"`fedrep run --resume {cfg.run_dir}` or choose another run-dir")
-    if args.resume:
-        RunDir(cfg.run_dir).check_resumable_with(cfg)
-    if not cfg.run_dir:
-        run_dir = Path(cfg.out_dir) / new_run_name(cfg)
-        run_dir = run_dir.resolve() if local else run_dir
-        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
-        if local:
-            check_path_lengths(cfg)
-    return cfg
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Fail fast, before Ray starts, on what would otherwise fail inside a client."""
-    from fedrep.models import build_model
-    from fedrep.registry import get_strategy
-
-    rule = get_strategy(cfg.strategy).client_rule(cfg)
-    try:
-        rule.check(rule.prepare_model(build_model(cfg)))
-    except ValueError as err:
-        raise ConfigError(f"strategy {cfg.strategy!r}: {err}") from None
-    from fedrep.data.federated import check_data
-
-    check_data(cfg)  # locates + verifies the files, builds the split
-    if cfg.resume:
-        check_resumable_files(cfg)
-    # last, so that a run refused above leaves no empty folder behind
-    try:  # the ServerApp creates it; a bad path would fail there, after Ray started
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"run-dir {cfg.run_dir}: cannot create the run folder ({err.strerror}); "
-                          "choose a writable place with --out DIR or --set run-dir=DIR") from None
-
-
-def check_path_lengths(cfg: RunConfig) -> None:
-    """Refuse a run-dir whose files the OS would refuse (each client's head file would fail to
-    save, after Ray started): the longest path written inside it, and each folder name."""
-    from fedrep.files import TEMP_SUFFIX_LEN
-    from fedrep.results import CLIENT_STATE, client_state_file
-
-    run_dir = Path(cfg.run_dir).absolute()
-    existing = next(p for p in (run_dir, *run_dir.parents) if os.path.exists(p))
-    path_max, name_max = os.pathconf(existing, "PC_PATH_MAX"), os.pathconf(existing, "PC_NAME_MAX")
-    for part in run_dir.parts:
-        if len(os.fsencode(part)) > name_max:
-            raise ConfigError(f"run-dir: the folder name {part[:40]}... is {len(os.fsencode(part))} bytes; "
-                              f"this file system takes at most {name_max}. Choose a shorter run-dir or --out")
-    head = client_state_file(run_dir / CLIENT_STATE, max(cfg.num_clients - 1, 0))
-    longest = len(os.fsencode(head)) + TEMP_SUFFIX_LEN
-    if longest >= path_max:
-        raise ConfigError(f"run-dir is {len(os.fsencode(run_dir))} bytes long; the files inside it would "
-                          f"reach {longest}, and the OS takes paths of at most {path_max - 1}. Choose a "
-                          "shorter run-dir or --out")
-
-
-def check_resumable_files(cfg: RunConfig) -> None:
-    """Before Ray starts: the checkpoint a resume starts from, and (simulation) every client's
-    head file, load. A damaged one is named with the user's choices."""
-    from fedrep.results import HeadFileDamaged, RunDir, read_head_versions
-
-    run = RunDir(cfg.run_dir)
-    last = run.last_completed_round()
-    if last > 0:
-        run.load_checkpoint(last)
-    if cfg.on_damaged_head == "restart":
-        return
-    damaged = []
-    for path in run.head_files():
-        try:
-            read_head_versions(path)
-        except HeadFileDamaged as err:
-            damaged.append(err)
-    if damaged:
-        many = len(damaged) > 1
-        raise ConfigError(
-            f"{len(damaged)} client head file{'s' * many} cannot be read: {damaged[0]}"
-            f"{' (and more)' if many else ''}. Restore {'them' if many else 'it'}, or add "
-            f"--restart-damaged-heads to start {'those clients' if many else 'that client'} from a "
-            "fresh head (an event in events.jsonl)")
-
-
-def _flwr_command(cfg: RunConfig) -> tuple[str, list[str]]:
-    """The ``flwr`` executable and the run config as ``--run-config key=value`` arguments."""
-    from fedrep.config import toml_value
-
-    flwr = shutil.which("flwr")
-    if flwr is None:
-        raise ConfigError("`flwr` is not on PATH; install the project (pip install -e .)")
-    overrides: list[str] = []
-    for key, value in cfg.to_flower().items():
-        overrides += ["--run-config", f"{key}={toml_value(value)}"]
-    return flwr, overrides
-
-
-def _flwr_run(cfg: RunConfig, app: str, verbose: bool) -> None:
-    """Drive the plain Flower route: ``flwr run APP --stream`` on a local SuperLink."""
-    from fedrep.results import RunDir
-    from fedrep.simulation import quiet_flower_env
-
-    quiet_flower_env()
-    flwr, overrides = _flwr_command(cfg)
-    cpus = int(cfg.client_cpus) if float(cfg.client_cpus).is_integer() else cfg.client_cpus
-    federation = (f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cpus} "
-                  f"client-resources-num-gpus={cfg.client_gpus}")
-    cmd = [flwr, "run", app, "--stream", "--federation-config", federation, *overrides]
-    if verbose:
-        print("+", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, check=False)
-    run = RunDir(cfg.run_dir)
-    if not run.state_file.is_file() or run.state().get("status") != "completed":
-        raise RunFailed(f"the Flower run did not complete; see the log above and {run.path}")
+    return settle_config(values, resume=args.resume, local=local)
 
 
 def _flwr_submit(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -282,7 +147,7 @@ def _flwr_submit(cfg: RunConfig, args: argparse.Namespace) -> None:
     app, connection = args.app, args.superlink
     import json
 
-    flwr, overrides = _flwr_command(cfg)
+    flwr, overrides = flwr_command(cfg)
     submitted = subprocess.run([flwr, "run", app, connection, "--format", "json", *overrides],
                                capture_output=True, text=True, check=False)
     try:
@@ -325,55 +190,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.client_app and args.engine != "simulation":
         raise ConfigError("--client-app works with --engine simulation; a deployment's ClientApp is "
                           "the app folder's [tool.flwr.app.components] clientapp")
+    if args.from_round is not None and not args.resume:
+        raise ConfigError("--from-round needs --resume RUN_DIR")
     if args.client_app:
         from fedrep.simulation import check_component
 
         check_component(args.client_app)
-    if args.from_round is not None and not args.resume:
-        raise ConfigError("--from-round needs --resume RUN_DIR")
     cfg = resolve_run_config(args)
-    from fedrep import runlock
+    from fedrep.api import execute
 
-    if cfg.resume and args.engine == "simulation":
-        runlock.acquire(cfg.run_dir)  # held until this process exits; the ServerApp re-enters it
-    if args.from_round is not None:
-        from fedrep.results import RunDir
-
-        with runlock.holding(cfg.run_dir):
-            RunDir(cfg.run_dir).roll_back(args.from_round)
-    if cfg.resume and _already_done(cfg):
-        return 0
-    preflight(cfg)
     args.interrupt_hint = f"continue with `fedrep run --resume {cfg.run_dir}`"
-    if args.engine == "flwr":
-        runlock.check_free(cfg.run_dir)  # the ServerApp, another process, takes it
-        _flwr_run(cfg, args.app, args.verbose)
-    else:
-        from fedrep.simulation import CLIENT_APP, simulate
-
-        if not runlock.holds(cfg.run_dir):
-            runlock.acquire(cfg.run_dir)  # held until this process exits
-        with tempfile.TemporaryDirectory(prefix="fedrep-app-") as app_dir:
-            simulate(cfg, Path(app_dir), verbose=args.verbose,
-                     client_app=args.client_app or CLIENT_APP)
+    if not execute(cfg, args.engine, args.verbose, args.app, args.client_app, args.from_round):
+        print(f"results: {cfg.run_dir}")
+        return 0
     print(f"results: {cfg.run_dir}")
     for name in ("metrics.csv", "metrics.jsonl", "plot.png", "checkpoints/"):
         print(f"  {Path(cfg.run_dir) / name}")
     return 0
-
-
-def _already_done(cfg: RunConfig) -> bool:
-    """A resume of a finished run with nothing to add: say so instead of starting Ray."""
-    from fedrep.results import RunDir
-
-    run = RunDir(cfg.run_dir)
-    state = run.state()
-    if state.get("status") != "completed" or cfg.num_rounds > run.last_completed_round():
-        return False
-    print(f"[fedrep] {run.path} already completed its {cfg.num_rounds} rounds; nothing to do "
-          "(--rounds N extends it)", file=sys.stderr)
-    print(f"results: {run.path}")
-    return True
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

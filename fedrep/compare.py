@@ -324,12 +324,10 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     metric = "accuracy-mean"
     for name, run in runs.items():
         rows = run.read_metrics()
@@ -349,7 +347,6 @@ def plot_comparison(runs: dict[str, RunDir], out: Path) -> Path:
     fig.tight_layout()
     path = out / ("distance.png" if metric == "representation-distance" else "accuracy.png")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -567,12 +564,10 @@ def write_seed_table(rows: list[dict[str, Any]], seeds: list[int], out: Path) ->
 
 
 def plot_seeds(labels: list[str], seeds: list[int], runs: dict[tuple[str, int], RunDir], out: Path) -> Path:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for label in labels:
         curves: dict[int, list[float]] = {}
         for seed in seeds:
@@ -598,5 +593,4 @@ def plot_seeds(labels: list[str], seeds: list[int], runs: dict[tuple[str, int], 
     fig.tight_layout()
     path = out / "accuracy.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

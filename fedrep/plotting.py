@@ -9,10 +9,7 @@ from fedrep.results import RunDir
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it was
 
     run = RunDir(run_dir)
     rows = run.read_metrics()
@@ -25,7 +22,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     evald = [r for r in rows if "accuracy-mean" in r]
     has_dist = any("representation-distance" in r for r in rows)
     panels = 1 + bool(evald) + has_dist
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    fig = Figure(figsize=(5 * panels, 3.8))
+    axes = fig.subplots(1, panels, squeeze=False)
     axes = list(axes[0])
     if evald:
         ax = axes.pop(0)
@@ -73,5 +71,4 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.tight_layout()
     target = Path(out) if out else run.path / "plot.png"
     fig.savefig(target, dpi=110)
-    plt.close(fig)
     return target
