@@ -110,6 +110,9 @@ def preflight(cfg: RunConfig) -> None:
     from fedrep.data.federated import check_data
 
     check_data(cfg)  # locates + verifies the files, builds the split
+    from fedrep.tracking import trackers_from
+
+    trackers_from(cfg.tracking, Path(cfg.run_dir))  # a tracker whose library is missing, named now
     if cfg.resume:
         check_resumable_files(cfg)
     # last, so that a run refused above leaves no empty folder behind

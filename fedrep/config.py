@@ -171,6 +171,11 @@ class CoreKeys(KeySection):
         "from a fresh head, reported in events.jsonl (fedrep run --restart-damaged-heads).",
     )
     out_dir: str = Field("runs", description="Parent folder for new run folders.")
+    tracking: str = Field(
+        "", description="Mirror every metric row and the config to experiment trackers: "
+        "'tensorboard' (RUN_DIR/tensorboard), 'mlflow' ($MLFLOW_TRACKING_URI, else "
+        "sqlite RUN_DIR/mlflow.db), or both comma-separated; empty = none. The run folder stays the "
+        "source of truth. Needs the extra: pip install -e \".[tensorboard]\" / \".[mlflow]\".")
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")
 
@@ -209,6 +214,17 @@ class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, Line
         if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
             raise ValueError("a true/false value where a number or text is expected")
         return value
+
+    @field_validator("tracking")
+    @classmethod
+    def _known_trackers(cls, spec: str) -> str:
+        from fedrep.tracking import parse_spec  # local: tracking imports this module
+
+        try:
+            parse_spec(spec)
+        except ConfigError as err:
+            raise ValueError(str(err).removeprefix(f"tracking = {spec!r}: ")) from None
+        return spec
 
     @field_validator("strategy")
     @classmethod

@@ -39,6 +39,7 @@ from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 ENV_VAR = "FEDREP_DISPATCH"
 TICK_S = 0.1  # Flower's interval; a phase's messages leave within one tick of being sent
@@ -100,6 +101,16 @@ def install() -> str:
         choice = "flower"
     vce_api.add_messages_to_queue = add_messages_to_queue if choice == "fast" else _STOCK
     return choice
+
+
+# What Flower's own HttpGrid.send_and_receive sleeps between pulls on a deployment (hard-coded
+# there); the in-memory grid of a simulation carries its own pull_interval (0.1 s).
+DEPLOYED_PULL_INTERVAL = 3.0
+
+
+def pull_interval(grid: Any) -> float:
+    """Seconds between two pulls while waiting for replies, as Flower's own grid would wait."""
+    return grid.pull_interval if isinstance(grid, InMemoryGrid) else DEPLOYED_PULL_INTERVAL
 
 
 def flwr_version() -> str:

@@ -29,3 +29,46 @@ def stop_on_sigterm() -> None:
     """Make SIGTERM raise :class:`Terminated` (main thread only; signals go there)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised in a simulated federation's server thread when its caller was interrupted."""
+
+
+class InProcessStop:
+    """Stop requests for a federation whose ServerApp runs in a thread of this process (Flower's
+    Simulation Runtime). Ctrl-C reaches only the main thread; without this, the server thread
+    would go on, finish the round in flight and write it to the run folder after the caller got
+    KeyboardInterrupt, then wait an hour for replies from workers that are gone, keeping the
+    interpreter from exiting. The round loop checks :meth:`requested` while it waits and before
+    it writes a round; the simulation waits (:meth:`wait_idle`) until it has let go."""
+
+    def __init__(self) -> None:
+        self._requested = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def reset(self) -> None:
+        self._requested.clear()
+
+    def request(self) -> None:
+        self._requested.set()
+
+    def requested(self) -> bool:
+        return self._requested.is_set()
+
+    def check(self, where: str) -> None:
+        if self._requested.is_set():
+            raise StopRequested(f"stopped by the caller {where}")
+
+    def begin(self) -> None:
+        self._idle.clear()
+
+    def end(self) -> None:
+        self._idle.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._idle.wait(timeout)
+
+
+IN_PROCESS = InProcessStop()

@@ -53,7 +53,7 @@ CLIENT_STATE = "client-state"
 # (client-threads and cache-head-features are not among them: they change float rounding.)
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
                      "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs",
-                     "on-damaged-head"}
+                     "on-damaged-head", "tracking"}
 # What torch.load raises on a truncated, overwritten or foreign file.
 LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
                zipfile.BadZipFile)

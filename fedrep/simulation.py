@@ -25,6 +25,7 @@ from typing import Any
 import tomllib
 
 from fedrep.config import ConfigError, RunConfig, toml_value
+from fedrep.interrupts import IN_PROCESS
 
 SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
 # Read by the clients (data location, cache, offline switch). A cluster's workers descend from its
@@ -236,11 +237,18 @@ def simulate(cfg: RunConfig, app_dir: Path, verbose: bool = False, client_app: s
     import ray
 
     previous = _quiet_on_interrupt()
+    IN_PROCESS.reset()
     try:
         flower_runtime.run_simulation(cfg.to_flower(), cfg.num_clients, SERVER_APP, client_app,
                                       backend_config, app_dir, verbose)
+    except BaseException:
+        # The ServerApp runs in a thread of this process that Ctrl-C does not reach: have it stop
+        # before it writes another round, and let it go before the caller may resume the run.
+        IN_PROCESS.request()
+        raise
     finally:
         ray.shutdown()  # Flower's backend shuts Ray down too, but not if the run fails before it
+        IN_PROCESS.wait_idle(timeout=30.0)
         if previous is not None:
             signal.signal(signal.SIGINT, previous[0])
             signal.signal(signal.SIGTERM, sigterm_before)

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrep.config import parse_run_config
+from fedrep.interrupts import StopRequested
 from server.loop import run_federation
 
 app = ServerApp()
@@ -18,4 +19,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config, "Flower run config")
-    run_federation(grid, cfg)
+    try:
+        run_federation(grid, cfg)
+    except StopRequested:
+        return  # the caller was interrupted and says so; the round in flight never counted

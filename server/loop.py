@@ -21,6 +21,8 @@ from fedrep import runlock
 from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACCURACY, last_rounds_mean
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
+from fedrep.flower_runtime import pull_interval
+from fedrep.interrupts import IN_PROCESS
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.protocol import FINETUNE_EPOCHS, METRICS, PARTITION_ID, RUN_DIR, Restored, restored_of
@@ -33,6 +35,7 @@ from fedrep.results import (
     run_folder_failure_in,
 )
 from fedrep.round_program import RoundProgram
+from fedrep.tracking import Trackers, trackers_from
 from server.records import from_record, to_record
 
 
@@ -54,10 +57,27 @@ class AuditingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
+    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Flower's ``send_and_receive`` (push, then pull until every reply is in or the timeout
+        passes), written out so that an in-process stop request ends the wait."""
+        waiting = set(self._grid.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        interval = pull_interval(self._grid)
+        while timeout is None or time.monotonic() < end:
+            got = list(self._grid.pull_messages(waiting))
+            replies += got
+            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not waiting:
+                break
+            IN_PROCESS.check(f"in round {self.server_round}")
+            time.sleep(interval)
+        return replies
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._exchange(messages, timeout)
         first_new = len(self.rows)
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
@@ -278,16 +298,20 @@ def _event_lines(events: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
 
 
 def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
-    run, cfg, last = _open_run(cfg)
+    IN_PROCESS.begin()
     try:
-        return _run_rounds(grid, cfg, run, last, timeout)
-    except (FloatingPointError, KeyboardInterrupt):
-        raise  # diverged: state.json already says so; interrupted: the round in flight never counted
-    except BaseException as err:
-        _record_stop(run, err)
-        raise
+        run, cfg, last = _open_run(cfg)
+        try:
+            return _run_rounds(grid, cfg, run, last, timeout)
+        except (FloatingPointError, KeyboardInterrupt):
+            raise  # diverged: state.json already says so; interrupted: the round in flight never counted
+        except BaseException as err:
+            _record_stop(run, err)
+            raise
+        finally:
+            runlock.release(run.path)
     finally:
-        runlock.release(run.path)
+        IN_PROCESS.end()
 
 
 def _record_stop(run: RunDir, err: BaseException) -> None:
@@ -330,58 +354,63 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
           file=sys.stderr, flush=True)
     started = time.perf_counter()
     weighted = {r["round"]: r.get(WEIGHTED_ACCURACY) for r in run.read_metrics(warn=False)}
-    for server_round in range(last + 1, cfg.num_rounds + 1):
-        t0 = time.perf_counter()
-        audit.server_round = server_round
-        record = to_record(arrays)
-        config = ConfigRecord({RUN_DIR: str(run.path)})
-        outcome = strategy.train_round(server_round, record, config, audit, timeout)
-        new_arrays, train_metrics, sent = outcome.arrays, outcome.metrics, outcome.bytes_sent
-        if new_arrays is None:
-            raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
-        aggregated = from_record(new_arrays)
-        try:
-            check_finite(server_round, aggregated, dict(train_metrics or {}))
-        except FloatingPointError as err:  # keep the last good round's strategy state, not this one's
-            good = {k: v for k, v in run.state().items() if k == "strategy-state"}
-            run.write_state(server_round - 1, "diverged", error=str(err), **good)
-            raise
-        arrays = aggregated
-        row: dict[str, Any] = {"round": server_round}
-        row.update(dict(train_metrics or {}))
-        row["bytes-sent"] = sent
-        if evaluates(cfg, server_round):
-            eval_config = ConfigRecord({RUN_DIR: str(run.path)})
-            if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
-                eval_config[FINETUNE_EPOCHS] = cfg.final_finetune_epochs
-            evaluation = strategy.evaluate_round(server_round, new_arrays, eval_config, audit, timeout)
-            row.update(evaluation.metrics)
-            row["bytes-sent"] += evaluation.bytes_sent
-        if server_round == cfg.num_rounds and cfg.new_clients > 0:
-            row.update(_new_clients_metrics(cfg, strategy, server_round, new_arrays, run, audit, timeout))
-        weighted[server_round] = row.get(WEIGHTED_ACCURACY)
-        paper = last_rounds_mean(weighted, server_round)
-        if paper is not None:
-            row[PAPER_METRIC] = paper
-        if b_star is not None and "body.weight" in arrays:
-            row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
-        events = strategy.drain_events()
-        row["nodes-lost"] = len(strategy.lost_partitions())
-        audit_rows = audit.drain()
-        client_events = _client_events(server_round, audit_rows, trained, state_root)
-        events += client_events
-        row["client-failures"] = sum(e["event"] == "client-failed" for e in client_events)
-        row["bytes-received"] = sum(r["bytes"] for r in audit_rows)
-        row["round-seconds"] = time.perf_counter() - t0
-        run.save_checkpoint(server_round, arrays)
-        run.append_audit(audit_rows)
-        run.append_events(events)
-        run.append_metrics(row)
-        run.write_state(server_round, "running", **_strategy_state(strategy))
-        _progress(cfg, server_round, row, started, last + 1, _failures_note(row, client_events))
-        for line in _event_lines(events):
-            print(f"[fedrep] {line}", file=sys.stderr, flush=True)
-    run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
+    # Trackers mirror the folder; on the way out they record how the run ended (Trackers.__exit__).
+    with Trackers(trackers_from(cfg.tracking, run.path)) as tracking:
+        tracking.start(run.path.name, cfg.to_flower(), run.path)
+        for server_round in range(last + 1, cfg.num_rounds + 1):
+            t0 = time.perf_counter()
+            audit.server_round = server_round
+            record = to_record(arrays)
+            config = ConfigRecord({RUN_DIR: str(run.path)})
+            outcome = strategy.train_round(server_round, record, config, audit, timeout)
+            new_arrays, train_metrics, sent = outcome.arrays, outcome.metrics, outcome.bytes_sent
+            if new_arrays is None:
+                raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
+            aggregated = from_record(new_arrays)
+            try:
+                check_finite(server_round, aggregated, dict(train_metrics or {}))
+            except FloatingPointError as err:  # keep the last good round's strategy state, not this one's
+                good = {k: v for k, v in run.state().items() if k == "strategy-state"}
+                run.write_state(server_round - 1, "diverged", error=str(err), **good)
+                raise
+            arrays = aggregated
+            row: dict[str, Any] = {"round": server_round}
+            row.update(dict(train_metrics or {}))
+            row["bytes-sent"] = sent
+            if evaluates(cfg, server_round):
+                eval_config = ConfigRecord({RUN_DIR: str(run.path)})
+                if server_round == cfg.num_rounds and cfg.final_finetune_epochs > 0:
+                    eval_config[FINETUNE_EPOCHS] = cfg.final_finetune_epochs
+                evaluation = strategy.evaluate_round(server_round, new_arrays, eval_config, audit, timeout)
+                row.update(evaluation.metrics)
+                row["bytes-sent"] += evaluation.bytes_sent
+            if server_round == cfg.num_rounds and cfg.new_clients > 0:
+                row.update(_new_clients_metrics(cfg, strategy, server_round, new_arrays, run, audit, timeout))
+            weighted[server_round] = row.get(WEIGHTED_ACCURACY)
+            paper = last_rounds_mean(weighted, server_round)
+            if paper is not None:
+                row[PAPER_METRIC] = paper
+            if b_star is not None and "body.weight" in arrays:
+                row["representation-distance"] = principal_angle_distance(arrays["body.weight"].T, b_star)
+            events = strategy.drain_events()
+            row["nodes-lost"] = len(strategy.lost_partitions())
+            audit_rows = audit.drain()
+            client_events = _client_events(server_round, audit_rows, trained, state_root)
+            events += client_events
+            row["client-failures"] = sum(e["event"] == "client-failed" for e in client_events)
+            row["bytes-received"] = sum(r["bytes"] for r in audit_rows)
+            row["round-seconds"] = time.perf_counter() - t0
+            IN_PROCESS.check(f"before round {server_round} was written")  # it does not count
+            run.save_checkpoint(server_round, arrays)
+            run.append_audit(audit_rows)
+            run.append_events(events)
+            run.append_metrics(row)
+            run.write_state(server_round, "running", **_strategy_state(strategy))
+            tracking.log_row(row)  # after the folder: trackers see completed rounds only
+            _progress(cfg, server_round, row, started, last + 1, _failures_note(row, client_events))
+            for line in _event_lines(events):
+                print(f"[fedrep] {line}", file=sys.stderr, flush=True)
+        run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
     paper = last_rounds_mean(weighted, cfg.num_rounds)
     if paper is not None:
         print(f"[fedrep] the paper's metric (test-size-weighted mean local accuracy, averaged over the "
