@@ -364,7 +364,7 @@ class Run:
         """Write client ``client``'s model as one self-contained file (:func:`load_model`)."""
         from fedrep.export import export_client
 
-        return export_client(self.path, client, Path(out), round=round, torchscript=torchscript)
+        return export_client(self.path, client, round, out=Path(out), torchscript=torchscript)
 
     def evaluate(self, client: int, round: int | None = None) -> dict[str, float]:
         """Re-evaluate a client on its local test split (equals what the run reported)."""
@@ -377,7 +377,7 @@ class Run:
         with x_train/y_train, or a partition id of the run's data set), exported to ``out``."""
         from fedrep.export import personalize
 
-        return personalize(self.path, data, Path(out), epochs=epochs)
+        return personalize(self.path, data, epochs, Path(out))
 
 
 def open_run(run_dir: str | Path) -> Run:

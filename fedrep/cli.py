@@ -8,6 +8,7 @@ starts, and a bad key or value exits with status 2 and a message naming it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +115,43 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a run-config key for every strategy, over the file's, e.g. --set seed=2 "
                       "(repeatable; use another --out)")
+
+    export = sub.add_parser("export", help="write a client's personalised model as one file")
+    export.add_argument("run_dir")
+    who = export.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", type=int, metavar="K", help="the client (partition id)")
+    who.add_argument("--all", action="store_true", help="every client that has a model")
+    export.add_argument("--round", type=int, metavar="R", help="default: the last completed round")
+    export.add_argument("--out", help="file (--client) or folder (--all); default RUN_DIR/exports")
+    export.add_argument("--torchscript", action="store_true",
+                        help="also write FILE.torchscript.pt (torch.jit.load, no fedrep needed)")
+
+    predict = sub.add_parser("predict", help="class predictions of an exported model")
+    predict.add_argument("model_file")
+    predict.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                         help=".npy arrays (model inputs) and/or image files (converted as the run's data)")
+    predict.add_argument("--out", help="write the predictions as .npy (or .csv) instead of printing them")
+
+    evaluate = sub.add_parser("evaluate", help="re-evaluate a client on its local test split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--client", type=int, required=True, metavar="K")
+    evaluate.add_argument("--round", type=int, metavar="R", help="default: the last completed round")
+
+    personal = sub.add_parser("personalize", help="onboard a new client: a head on the run's final "
+                              "body from its data (FedAvg-style runs: fine-tune), exported")
+    personal.add_argument("run_dir")
+    personal.add_argument("--data", required=True, metavar="FILE_OR_PARTITION",
+                          help=".npz with x_train, y_train (and optionally x_test, y_test), or a "
+                               "partition id of the run's data set")
+    personal.add_argument("--epochs", type=int, help="default: the run's new-client-epochs")
+    personal.add_argument("--round", type=int, metavar="R", help="the body of round R (default: the last)")
+    personal.add_argument("--out", help="model file (default RUN_DIR/exports/...)")
+    personal.add_argument("--torchscript", action="store_true", help="also write a TorchScript copy")
+
+    track = sub.add_parser("track", help="mirror a run folder's metrics to TensorBoard / MLflow")
+    track.add_argument("run_dir")
+    track.add_argument("--tracking", default="tensorboard",
+                       help="tensorboard, mlflow or both comma-separated (default tensorboard)")
 
     sub.add_parser("strategies", help="list installed strategy plugins")
     conf = sub.add_parser("config", help="list every run-config key with its default and meaning")
@@ -289,6 +327,69 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedrep import export
+
+    if args.all:
+        summary = export.export_all(args.run_dir, args.out or Path(args.run_dir) / "exports", args.round,
+                                    args.torchscript)
+        for client, reason in sorted(summary.skipped.items()):
+            print(f"[fedrep] skipped client {client}: {reason}", file=sys.stderr)
+        print(f"exported {len(summary.written)} clients of round {summary.round}: "
+              f"{Path(next(iter(summary.written.values()))).parent}")
+        return 0
+    path = export.export_client(args.run_dir, args.client, args.round, out=args.out,
+                                torchscript=args.torchscript)
+    print(f"exported: {path}" + (f" (+ {export.torchscript_path(path)})" if args.torchscript else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fedrep import export
+
+    model, meta = export.load_exported(args.model_file)
+    predictions = export.predict(model, export.read_inputs(args.input, meta), meta)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix == ".csv":
+            np.savetxt(out, predictions, fmt="%d" if predictions.dtype.kind in "iu" else "%.6g",
+                       delimiter=",")
+        else:
+            np.save(out, predictions)
+        print(f"{len(predictions)} predictions: {out}")
+    else:
+        print("\n".join(str(p) for p in predictions.tolist()))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedrep.export import evaluate_client
+
+    result = evaluate_client(args.run_dir, args.client, args.round)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    from fedrep.export import personalize
+
+    data: str | int = int(args.data) if args.data.strip().isdigit() else args.data
+    path = personalize(args.run_dir, data, args.epochs, args.out, round=args.round,
+                       torchscript=args.torchscript)
+    print(f"exported: {path}")
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from fedrep.tracking import replay
+
+    rows = replay(args.run_dir, args.tracking)
+    print(f"mirrored {rows} rounds of {args.run_dir} to {args.tracking}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fedrep.config import RunConfig
 
@@ -336,7 +437,9 @@ def _release_run_locks() -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the command; expected failures become one line and an exit code."""
     handlers = {"run": cmd_run, "plot": cmd_plot, "strategies": cmd_strategies,
-                "config": cmd_config, "compare": cmd_compare}
+                "config": cmd_config, "compare": cmd_compare, "export": cmd_export,
+                "predict": cmd_predict, "evaluate": cmd_evaluate, "personalize": cmd_personalize,
+                "track": cmd_track}
     from fedrep.data.store import DataError
     from fedrep.registry import PluginError
 

@@ -122,10 +122,8 @@ def check_free(run_dir: str | Path) -> None:
         return
     handle = (path / LOCK_NAME).open("r")
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunFolderBusy(_busy_message(path, _holder(handle.read()))) from None
+        if not _flock_settled(handle, fcntl.LOCK_SH):
+            raise RunFolderBusy(_busy_message(path, _holder(handle.read())))
     finally:
         handle.close()
 
@@ -136,19 +134,42 @@ def _busy_message(path: Path, info: dict[str, object]) -> str:
             f"then `fedrep run --resume {path}`")
 
 
+# A lock released a moment ago can still look taken: a child process forked (by Ray, matplotlib,
+# a tracker...) while this process held it keeps a copy of the descriptor, and with it the lock,
+# until it execs (the descriptor is close-on-exec). A real holder writes its details at once, so
+# a taken lock whose file names nobody is retried this long before it counts as busy.
+SETTLE_SECONDS = 3.0
+
+
+def _flock_settled(handle: IO[str], mode: int) -> bool:
+    """Take ``mode`` on ``handle`` without blocking; on a lock held by a holder that left no
+    details, retry for :data:`SETTLE_SECONDS`. False when it stays taken."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            handle.seek(0)
+            if _holder(handle.read()) or time.monotonic() >= deadline:
+                handle.seek(0)
+                return False
+            time.sleep(0.05)
+
+
 def _lock(path: Path) -> IO[str]:
     lock_file = path / LOCK_NAME
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode())
     handle = os.fdopen(fd, "r+")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        info = _holder(handle.read())
-        handle.close()
-        raise RunFolderBusy(_busy_message(path, info)) from None
+        taken = _flock_settled(handle, fcntl.LOCK_EX)
     except OSError:
         handle.close()
         raise
+    if not taken:
+        info = _holder(handle.read())
+        handle.close()
+        raise RunFolderBusy(_busy_message(path, info))
     previous = _holder(handle.read())
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if previous and (previous.get("pid"), previous.get("host")) != (me["pid"], me["host"]):

@@ -119,3 +119,23 @@ def test_ctrl_c_raises_keyboard_interrupt_and_the_same_interpreter_resumes(tmp_p
     assert "resumed completed 3" in out, (out, err[-3000:])
     assert "StopRequested" not in err and "Traceback" not in err, err[-3000:]
     assert proc.returncode == 0
+
+
+def test_a_clients_model_from_python(api_run: fedrep.Run, tmp_path: Path):
+    """model_for, export + load_model, evaluate and personalize, as a notebook cell would."""
+    import numpy as np
+    import torch
+
+    from fedrep.data.federated import load_client_data
+    from fedrep.results import RunDir
+
+    client = min(r["partition"] for r in RunDir(api_run.path).read_audit() if r["kind"] == "train")
+    data = load_client_data(api_run.config, client)
+    in_memory = api_run.model_for(client)
+    loaded = fedrep.load_model(api_run.export(client, tmp_path / "c.pt"))
+    with torch.no_grad():
+        assert torch.equal(in_memory(data.x_test), loaded(data.x_test))
+    result = api_run.evaluate(client)
+    assert result["accuracy"] == result["reported-accuracy"]
+    np.savez(tmp_path / "new.npz", x_train=data.x_train.numpy(), y_train=data.y_train.numpy())
+    assert fedrep.load_model(api_run.personalize(tmp_path / "new.npz", tmp_path / "new.pt", epochs=1))
