@@ -40,6 +40,7 @@ from fedrep.protocol import (
     NUM_PARTITIONS,
     NUM_TEST,
     NUM_TRAIN,
+    ONBOARD_ACTION,
     PARTITION_ID,
     PERSONAL_RESTORED,
     RUN_DIR,
@@ -197,6 +198,29 @@ def train(msg: Message, context: Context) -> Message:
         PERSONAL_RESTORED: int(Restored.of_source(job.restored)),
     })
     return Message(RecordDict({ARRAYS: shared, METRICS: metrics}), reply_to=msg)
+
+
+@app.train(ONBOARD_ACTION)
+def onboard(msg: Message, context: Context) -> Message:
+    """A client that never trained in a finished run gets its head: the same head-only training
+    on the final body as the run's new-clients step (same epochs, same random stream), kept like
+    any head. Reports local test loss/accuracy with the initial head and with its own."""
+    job = _prepare(msg, context, after_training=True)
+    data = job.data()
+    epochs = int(msg.content[CONFIG][FINETUNE_EPOCHS])
+    metrics: dict[str, int | float] = {NUM_EXAMPLES: data.num_test, PARTITION_ID: job.partition,
+                                       PERSONAL_RESTORED: int(Restored.of_source(job.restored))}
+    loaded = {k: v.clone() for k, v in job.model.state_dict().items()}
+    before = job.rule.evaluate(job.model, data, job.generator(EVAL)) if data.num_test else None
+    job.model.load_state_dict(loaded)  # rule.evaluate may have fine-tuned in place
+    after = job.rule.finetune_and_evaluate(job.model, data, epochs, job.generator(FINETUNE))
+    _keep_personal(job, context)
+    for suffix, result in (("", before), (FINETUNED, after)):
+        if result is not None and data.num_test:
+            metrics[LOSS + suffix] = result.loss
+            if result.accuracy is not None:
+                metrics[ACCURACY + suffix] = result.accuracy
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def _action_handler(action: str):

@@ -208,7 +208,7 @@ def already_done(cfg: RunConfig) -> bool:
 
     run = RunDir(cfg.run_dir)
     state = run.state()
-    if state.get("status") != "completed" or cfg.num_rounds > run.last_completed_round():
+    if cfg.onboard or state.get("status") != "completed" or cfg.num_rounds > run.last_completed_round():
         return False
     print(f"[fedrep] {run.path} already completed its {cfg.num_rounds} rounds; nothing to do "
           "(--rounds N extends it)", file=sys.stderr)
@@ -269,7 +269,8 @@ def run(config: ConfigSource = None, *, verbose: bool = False, **keys: Any) -> R
 def resume(run_dir: str | Path, *, rounds: int | None = None, from_round: int | None = None,
            verbose: bool = False, **keys: Any) -> Run:
     """Continue a stopped run (or extend a finished one to ``rounds``) from its last completed
-    round, bitwise as if it had not stopped; ``from_round`` drops the rounds after it first."""
+    round, bitwise as if it had not stopped; ``from_round`` drops the rounds after it first.
+    ``onboard=True`` on a finished run trains no round: its new clients get heads instead."""
     values = config_values(None, **keys)
     if rounds is not None:
         values["num-rounds"] = rounds

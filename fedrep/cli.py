@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from-round", type=int, metavar="N",
                      help="with --resume: continue from round N's checkpoint, dropping later rounds "
                           "(e.g. when the newest checkpoint is damaged)")
+    run.add_argument("--onboard", action="store_true",
+                     help="with --resume on a finished run: train no round; every client that never "
+                          "trained in it gets a head on the final body and keeps it (onboarded.jsonl)")
     run.add_argument("--restart-damaged-heads", action="store_true",
                      help="a client whose head file cannot be read starts from a fresh head (an "
                           "event in events.jsonl) instead of stopping the run; sets "
@@ -176,6 +179,8 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         values[key] = value
     if getattr(args, "restart_damaged_heads", False):
         values["on-damaged-head"] = "restart"
+    if getattr(args, "onboard", False):
+        values["onboard"] = True
     return settle_config(values, resume=args.resume, local=local)
 
 

@@ -178,6 +178,13 @@ class CoreKeys(KeySection):
         "source of truth. Needs the extra: pip install -e \".[tensorboard]\" / \".[mlflow]\".")
     run_dir: str = Field("", description="Run folder; empty = a new folder under out-dir.")
     resume: bool = Field(False, description="Continue the run in run-dir from its last completed round.")
+    onboard: bool = Field(
+        False, description="With resume on a finished run: train no round; every connected client "
+        "that never trained in it (held-out new clients; on a deployment, SuperNodes that joined "
+        "after the run) gets a head on the final body (new-client-epochs, the head-only path), keeps "
+        "it like any head and reports accuracy before/after (onboarded.jsonl). `fedrep run --resume "
+        "RUN_DIR --onboard`, or on a SuperLink `flwr run . CONN --run-config 'resume=true "
+        "run-dir=\"RUN_DIR\" onboard=true'`.")
 
 
 class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys):
@@ -277,6 +284,12 @@ class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, Line
                              f"{self.num_clients} clients; use a smaller share")
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
+        if self.onboard and not self.resume:
+            raise ValueError("onboard=true gives new clients heads on a finished run's body: use it "
+                             "with resume (fedrep run --resume RUN_DIR --onboard)")
+        if self.onboard and spec.multi_domain:
+            raise ValueError("onboard=true trains heads for new clients; a multi-domain set's "
+                             "clients are its fixed domains: leave onboard off")
         return self
 
     def _check_partition(self) -> None:

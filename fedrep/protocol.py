@@ -44,6 +44,10 @@ NUM_TRAIN, NUM_TEST, NUM_PARTITIONS = "num-train", "num-test", "num-partitions" 
 PASSED_FRACTION = "passed-fraction"  # KD3A target: share of its samples that passed the gate
 LOSS, ACCURACY = "loss", "accuracy"  # evaluate; with FINETUNE_EPOCHS also "<key>-finetuned"
 FINETUNED = "-finetuned"
+# train.onboard: a node that has no head yet trains one on the (finished) run's body for
+# FINETUNE_EPOCHS epochs, keeps it like any head (node state / client-state file) and reports
+# its local test loss/accuracy before (LOSS/ACCURACY) and after (+FINETUNED). Never the head.
+ONBOARD_ACTION = "onboard"
 
 # --- node config keys (Flower's --node-config / the simulation's per-node config) --------------------
 NODE_PARTITION_ID = "partition-id"

@@ -208,6 +208,12 @@ def get_strategy(name: str) -> StrategyPlugin:
         raise PluginError(f"plugin {name!r} of package {_dist_name(ep)} declares client actions "
                           f"{bad}; Flower routes only Python identifiers (e.g. '{name.replace('-', '_')}"
                           "_phase1')")
+    from fedrep.protocol import ONBOARD_ACTION
+
+    if ONBOARD_ACTION in plugin.client_actions:
+        raise PluginError(f"plugin {name!r} of package {_dist_name(ep)} declares the client action "
+                          f"{ONBOARD_ACTION!r}, which fedrep's ClientApp reserves for new clients; "
+                          "choose another name")
     return plugin
 
 
@@ -226,6 +232,9 @@ def client_actions() -> list[str]:
         except PluginError:
             continue
         actions += [a for a in plugin.client_actions if a.isidentifier() and a not in actions]
+    from fedrep.protocol import ONBOARD_ACTION
+
+    actions = [a for a in actions if a != ONBOARD_ACTION]
     return actions
 
 

@@ -51,9 +51,10 @@ from fedrep.files import atomic_write, remove_stale_temp_files, torch_bytes
 CLIENT_STATE = "client-state"
 # Keys that may change when a run is resumed; everything else must match the saved config.
 # (client-threads and cache-head-features are not among them: they change float rounding.)
+ONBOARDED = "onboarded.jsonl"
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
                      "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs",
-                     "on-damaged-head", "tracking"}
+                     "on-damaged-head", "tracking", "onboard"}
 # What torch.load raises on a truncated, overwritten or foreign file.
 LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
                zipfile.BadZipFile)
@@ -396,6 +397,13 @@ class RunDir:
 
     def append_events(self, events: list[Mapping[str, Any]]) -> None:
         _append_jsonl(self.path / "events.jsonl", events)
+
+    def append_onboarded(self, rows: list[Mapping[str, Any]]) -> None:
+        """Clients that got their head after the run (``onboard``), one row each."""
+        _append_jsonl(self.path / ONBOARDED, rows)
+
+    def read_onboarded(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path / ONBOARDED, warn=False)
 
     def read_events(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.path / "events.jsonl", warn=True)

@@ -62,6 +62,12 @@ class RoundProgram(ABC):
         """The held-out new clients train from ``arrays`` and report (``new-clients``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot evaluate new clients; set new-clients=0")
 
+    def onboard(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                timeout: float, trained: set[int]) -> list[dict[str, Any]]:
+        """After the run: every connected client whose partition is not in ``trained`` gets a
+        head on ``arrays`` (``onboard``); one row of metrics per client that answered."""
+        raise NotImplementedError(f"{type(self).__name__} cannot onboard new clients")
+
     def state_dict(self) -> dict[str, Any]:
         """What the program must remember across rounds (saved in ``state.json`` after every
         round, JSON-serialisable); {} when nothing."""

@@ -25,9 +25,19 @@ from fedrep.flower_runtime import pull_interval
 from fedrep.interrupts import IN_PROCESS
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
-from fedrep.protocol import FINETUNE_EPOCHS, METRICS, PARTITION_ID, RUN_DIR, Restored, restored_of
+from fedrep.protocol import (
+    ACCURACY,
+    FINETUNE_EPOCHS,
+    FINETUNED,
+    METRICS,
+    PARTITION_ID,
+    RUN_DIR,
+    Restored,
+    restored_of,
+)
 from fedrep.registry import get_strategy
 from fedrep.results import (
+    ONBOARDED,
     RunDir,
     RunFileError,
     client_error_text,
@@ -150,7 +160,7 @@ def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
         same_options = cfg.strategy_options if cfg.strategy_options == saved.strategy_options else (
             saved.strategy_options)  # check_resumable_with found them equal as tables: keep the text
         cfg = cfg.model_copy(update={"run_dir": str(run.path), "strategy_options": same_options})
-        run.write_config(cfg.model_copy(update={"resume": False}))
+        run.write_config(cfg.model_copy(update={"resume": False, "onboard": False}))  # one-off switches
         return run, cfg, last
     except BaseException:
         runlock.release(path)
@@ -302,6 +312,8 @@ def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDi
     try:
         run, cfg, last = _open_run(cfg)
         try:
+            if cfg.onboard:
+                return _onboard(grid, cfg, run, last, timeout)
             return _run_rounds(grid, cfg, run, last, timeout)
         except (FloatingPointError, KeyboardInterrupt):
             raise  # diverged: state.json already says so; interrupted: the round in flight never counted
@@ -325,6 +337,44 @@ def _record_stop(run: RunDir, err: BaseException) -> None:
                             error=" ".join(f"{type(err).__name__}: {err}".split())[:2000], **extra)
     except (OSError, RunFileError):
         pass  # the folder itself is the problem; the error the caller sees says so
+
+
+def _onboard(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: float) -> RunDir:
+    """A finished run's new clients get heads (``onboard``): no round is trained; every connected
+    client that never trained gets its head on the final body (``RoundProgram.onboard``), and
+    one row per client goes to ``onboarded.jsonl``."""
+    state = run.state()
+    if state.get("status") != "completed" or last < cfg.num_rounds:
+        raise RunFileError(f"onboard=true: {run.path} has completed {last} of {cfg.num_rounds} rounds; "
+                           "finish it first (resume without onboard), then onboard new clients")
+    plugin = get_strategy(cfg.strategy)
+    rule = plugin.client_rule(cfg)
+    if not rule.personal_keys(rule.prepare_model(build_model(cfg))):
+        raise RunFileError(f"onboard=true: {cfg.strategy} keeps nothing per client, so a new client "
+                           "needs no head: use the global model (`fedrep export RUN_DIR --client K`) "
+                           "or fine-tune it (`fedrep personalize RUN_DIR --data FILE`)")
+    strategy = plugin.server_strategy(cfg)
+    strategy.load_state_dict(state.get("strategy-state", {}))
+    audit = AuditingGrid(grid, run)
+    audit.server_round = last
+    trained = _trained_before(run, last)
+    rows = strategy.onboard(last, to_record(run.load_checkpoint(last)),
+                            ConfigRecord({RUN_DIR: str(run.path)}), audit, timeout, trained)
+    run.append_audit(audit.drain())
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    run.append_onboarded([{"round": last, "time": stamp, **row} for row in rows])
+    done = [r for r in rows if "error" not in r]
+    for row in rows:
+        if "error" in row:
+            print(f"[fedrep] onboarding node {row['node']} failed: {row['error']}", file=sys.stderr,
+                  flush=True)
+        elif ACCURACY + FINETUNED in row:
+            print(f"[fedrep] onboarded client {row['partition']}: local accuracy {row.get(ACCURACY, 0):.4f} "
+                  f"with the initial head -> {row[ACCURACY + FINETUNED]:.4f} with its own",
+                  file=sys.stderr, flush=True)
+    print(f"[fedrep] onboarded {len(done)} new client{'s' * (len(done) != 1)} on round {last}'s body "
+          f"({len(trained)} had trained in the run) -> {run.path / ONBOARDED}", file=sys.stderr, flush=True)
+    return run
 
 
 def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: float) -> RunDir:

@@ -334,3 +334,30 @@ def test_the_cli_exports_predicts_evaluates_and_onboards_as_the_readme_shows(fed
     bad = fedrep_cli("predict", str(model_file), "--input", str(tmp_path / "missing.npy"), check=False)
     assert bad.returncode == 2 and "missing.npy does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_onboarding_gives_a_finished_runs_new_clients_their_heads(fedrep_run: Path, tmp_path: Path):
+    """`fedrep run --resume RUN --onboard`: no round is trained; the clients that never trained
+    (the held-out ones) train a head on the final body through the ClientApp, exactly as the run's
+    new-clients step did (same accuracy, bit for bit), keep it, and can then be exported."""
+    from fedrep.compare import final_client_metrics
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(fedrep_run, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    held = sorted(new_clients(6, HELD_OUT_SHARE, seed=3))
+    with pytest.raises(NoPersonalModel):
+        export_client(run_dir, held[0], out=tmp_path / "before.pt")
+    proc = fedrep_cli("run", "--resume", str(run_dir), "--onboard")
+    assert f"onboarded {len(held)} new clients on round {ROUNDS}'s body" in proc.stderr
+    run = RunDir(run_dir)
+    rows = run.read_onboarded()
+    assert [r["partition"] for r in rows] == held and run.last_completed_round() == ROUNDS
+    reported = final_client_metrics(RunDir(fedrep_run), new=True)
+    for row in rows:
+        assert row["accuracy-finetuned"] == reported[row["partition"]]["accuracy-finetuned"]
+        model, meta = load_exported(export_client(run_dir, row["partition"], out=tmp_path / "c.pt"))
+        data = load_client_data(run.saved_config(), row["partition"])
+        assert _accuracy(model, meta, data.x_test, data.y_test) == row["accuracy-finetuned"]
+    assert run.saved_config().onboard is False  # a one-off: a later resume trains again
+    again = fedrep_cli("run", "--resume", str(run_dir), "--onboard")
+    assert "onboarded 0 new clients" in again.stderr and len(RunDir(run_dir).read_onboarded()) == len(held)

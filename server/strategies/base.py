@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Iterable
 from logging import DEBUG, INFO, WARNING
+from typing import Any
 
 from flwr.app import (
     ArrayRecord,
@@ -49,6 +50,7 @@ from fedrep.protocol import (
     METRICS,
     NODE_NUM_PARTITIONS,
     NUM_EXAMPLES,
+    ONBOARD_ACTION,
     PARTITION_ID,
     QUERY_ASK,
     SERVER_ROUND,
@@ -196,6 +198,20 @@ class Federation(RoundProgram):
         config[FINETUNE_EPOCHS] = self.cfg.new_client_epochs
         return self._messages(arrays, config, self._nodes_for(sorted(held_out & set(known.values()))),
                               MessageType.EVALUATE)
+
+    def onboard(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                timeout: float, trained: set[int]) -> list[dict[str, Any]]:
+        known = self.discover(grid)
+        newcomers = sorted(set(known.values()) - trained)
+        config[SERVER_ROUND] = server_round
+        config[FINETUNE_EPOCHS] = self.cfg.new_client_epochs
+        replies = self.send_and_collect(grid, RecordDict({ARRAYS: arrays, CONFIG: config}),
+                                        self._nodes_for(newcomers), f"{MessageType.TRAIN}.{ONBOARD_ACTION}",
+                                        timeout)
+        rows = [{"partition": int(r.content[METRICS][PARTITION_ID]),
+                 **{k: v for k, v in r.content[METRICS].items() if k != PARTITION_ID}} for r in replies]
+        rows += [{"node": node, "error": reason} for node, reason in self.last_failures]
+        return sorted(rows, key=lambda row: row.get("partition", -1))
 
     def _nodes_for(self, partitions: Iterable[int]) -> list[int]:
         node_of = {pid: node for node, pid in self.partition_of.items()}
