@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.state import load_personal, save_personal
+from fedrep.algorithms.attacks import attackers, flip_labels, poison_update
 from fedrep.algorithms.base import ClientUpdateRule
 from fedrep.algorithms.training import EVAL, FINETUNE, TRAIN, round_generator
 from fedrep.config import RunConfig, parse_run_config
@@ -186,10 +187,19 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, after_training=False)
-    rule, model = job.rule, job.model
-    result = rule.fit(model, job.data(), job.generator(TRAIN))
+    rule, model, cfg = job.rule, job.model, job.cfg
+    data = job.data()
+    attacking = cfg.attack != "none" and job.partition in attackers(cfg.num_clients, cfg.attack_share,
+                                                                     cfg.seed)
+    if attacking and cfg.attack == "label-flip":
+        data = replace(data, y_train=flip_labels(data.y_train, cfg.num_classes()))
+    result = rule.fit(model, data, job.generator(TRAIN))
     state = _keep_personal(job, context)
-    shared = ArrayRecord({k: state[k] for k in rule.shared_keys(model)})
+    shared_state = {k: state[k] for k in rule.shared_keys(model)}
+    if attacking and cfg.attack in ("sign-flip", "scale"):  # poison what goes out; the head stays
+        shared_state = poison_update(msg.content[ARRAYS].to_torch_state_dict(), shared_state, cfg.attack,
+                                     cfg.attack_scale)
+    shared = ArrayRecord(shared_state)
     metrics = MetricRecord({
         NUM_EXAMPLES: result.num_examples,
         TRAIN_LOSS: result.loss,

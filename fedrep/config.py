@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedrep.algorithms.robust_keys import RobustKeys, aggregation_problem
 from fedrep.algorithms.update_keys import LocalUpdateKeys
 from fedrep.data import domains_spec, images_spec, leaf_spec, linear_spec
 from fedrep.data.domains_spec import MULTI_DOMAIN, DomainKeys
@@ -187,7 +188,7 @@ class CoreKeys(KeySection):
         "run-dir=\"RUN_DIR\" onboard=true'`.")
 
 
-class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys):
+class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys):
     """Everything one federated run needs: the core keys and every concern's section, one flat
     key space (field aliases are the run-config keys). Each section checks its own keys; the
     checks across sections (a model that fits the data set, a partition the data set allows) are
@@ -284,6 +285,7 @@ class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, Line
                              f"{self.num_clients} clients; use a smaller share")
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
+        self._check_robustness(spec.multi_domain)
         if self.onboard and not self.resume:
             raise ValueError("onboard=true gives new clients heads on a finished run's body: use it "
                              "with resume (fedrep run --resume RUN_DIR --onboard)")
@@ -291,6 +293,25 @@ class RunConfig(CoreKeys, LocalUpdateKeys, ImageKeys, LeafKeys, DomainKeys, Line
             raise ValueError("onboard=true trains heads for new clients; a multi-domain set's "
                              "clients are its fixed domains: leave onboard off")
         return self
+
+    def _check_robustness(self, multi_domain: bool) -> None:
+        """Robust aggregation and attacks: settings a round could not run, refused at start."""
+        from fedrep.algorithms.sampling import new_clients, num_sampled
+
+        if multi_domain and (self.aggregation != "mean" or self.attack != "none"):
+            raise ValueError("aggregation / attack apply to strategies that average a shared part; "
+                             "KD3A weights its domains itself (its robustness: malicious-domain)")
+        if (self.attack == "none") != (self.attack_share == 0):
+            raise ValueError(f"attack={self.attack!r} with attack-share={self.attack_share}: set both "
+                             "(e.g. attack='sign-flip', attack-share=0.2) or neither")
+        federation = self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
+        per_round = num_sampled(federation, self.fraction_train)
+        problem = aggregation_problem(self.aggregation, per_round, self.trim_fraction,
+                                      self.byzantine_clients, self.krum_select)
+        if problem:
+            raise ValueError(f"aggregation={self.aggregation!r}: {problem} (fraction-train="
+                             f"{self.fraction_train} of {federation} clients); raise fraction-train or "
+                             "num-clients, or lower byzantine-clients")
 
     def _check_partition(self) -> None:
         if (self.dataset in NATURAL_CLIENTS) != (self.partition == "natural"):

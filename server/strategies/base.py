@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrep.algorithms.aggregate import summarize, weighted_average
+from fedrep.algorithms.attacks import attackers
 from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
 from fedrep.protocol import (
@@ -311,6 +312,12 @@ class Federation(RoundProgram):
         values = [float(m[ACCURACY]) for m in trained if ACCURACY in m]
         if values:
             out["accuracy-trained-mean"] = summarize(values)["mean"]
+        if self.cfg.attack != "none":  # what an attack costs the clients that did not attack
+            bad = attackers(self.cfg.num_clients, self.cfg.attack_share, self.cfg.seed)
+            for key in (ACCURACY, ACCURACY + FINETUNED):
+                honest = [float(m[key]) for m in metrics if key in m and int(m[PARTITION_ID]) not in bad]
+                if honest:
+                    out[f"{key}-honest-mean"] = summarize(honest)["mean"]
         return MetricRecord(out)
 
 
@@ -352,7 +359,13 @@ class SharedAveraging(Federation, Strategy):
             return None, None
         updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
         equal = self.cfg.equal_aggregation()  # aggregation-weights
-        averaged = weighted_average([(a, 1.0) for a, _ in updates] if equal else updates)
+        weighted = [(a, 1.0) for a, _ in updates] if equal else updates
+        if self.cfg.aggregation == "mean":
+            averaged = weighted_average(weighted)
+        else:
+            from server.robust import robust_aggregate
+
+            averaged = robust_aggregate(self.cfg, server_round, weighted)
         finite = [(float(r.content[METRICS][TRAIN_LOSS]), w) for r, (_, w) in zip(ok, updates, strict=True)
                   if math.isfinite(float(r.content[METRICS][TRAIN_LOSS]))]
         metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
