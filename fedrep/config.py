@@ -301,9 +301,10 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, Doma
         if multi_domain and (self.aggregation != "mean" or self.attack != "none"):
             raise ValueError("aggregation / attack apply to strategies that average a shared part; "
                              "KD3A weights its domains itself (its robustness: malicious-domain)")
-        if (self.attack == "none") != (self.attack_share == 0):
-            raise ValueError(f"attack={self.attack!r} with attack-share={self.attack_share}: set both "
-                             "(e.g. attack='sign-flip', attack-share=0.2) or neither")
+        # (an attack with attack-share 0 is a sweep's clean point)
+        if self.attack == "none" and self.attack_share > 0:
+            raise ValueError(f"attack-share={self.attack_share} but attack='none': name the attack "
+                             "(label-flip, sign-flip, scale) or set attack-share=0")
         federation = self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
         per_round = num_sampled(federation, self.fraction_train)
         problem = aggregation_problem(self.aggregation, per_round, self.trim_fraction,

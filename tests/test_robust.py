@@ -82,7 +82,7 @@ def test_krum_keeps_an_honest_update_and_multi_krum_averages_the_closest(in_a_se
     ({"aggregation": "bulyan", "byzantine-clients": 2, "num-clients": 10, "fraction-train": 1.0},
      "Bulyan needs at least 4 * byzantine-clients + 3 = 11"),
     ({"aggregation": "multi-krum", "byzantine-clients": 2, "krum-select": 9}, "krum-select=9 exceeds"),
-    ({"attack": "sign-flip"}, "set both"),
+    ({"attack-share": 0.2}, "name the attack"),
     ({"strategy": "kd3a", "dataset": "fmnist-domains", "num-clients": 5, "aggregation": "median"},
      "KD3A weights its domains itself"),
 ])
