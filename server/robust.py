@@ -12,7 +12,7 @@ fedrep's weighted average does).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 
 from fedrep.config import RunConfig
@@ -42,7 +42,7 @@ def robust_aggregate(cfg: RunConfig, server_round: int, updates: list[tuple[dict
     in partition order); each array keeps its dtype."""
     copies = [Message(RecordDict({ARRAYS: to_record({k: np.array(v) for k, v in arrays.items()}),
                                   METRICS: MetricRecord({NUM_EXAMPLES: weight})}),
-                      dst_node_id=0, message_type="train") for arrays, weight in updates]
+                      dst_node_id=0, message_type=MessageType.TRAIN) for arrays, weight in updates]
     record, _ = flower_aggregator(cfg, len(updates)).aggregate_train(server_round, copies)
     if record is None:  # Bulyan with too few replies (the config check makes this a lost node)
         raise RuntimeError(f"round {server_round}: {cfg.aggregation} could not aggregate "
