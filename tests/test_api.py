@@ -108,10 +108,14 @@ def test_ctrl_c_raises_keyboard_interrupt_and_the_same_interpreter_resumes(tmp_p
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     try:
-        out = proc.stdout.read() if proc.wait(timeout=240) is not None else ""
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+        pytest.fail("the notebook process did not end 300 s after Ctrl-C:\n" + proc.stdout.read()
+                    + "".join(lines)[-4000:])
+    out = proc.stdout.read()
     reader.join(timeout=10)
     err = "".join(lines)
     assert "caught KeyboardInterrupt" in out, (out, err[-3000:])
