@@ -361,3 +361,17 @@ def test_onboarding_gives_a_finished_runs_new_clients_their_heads(fedrep_run: Pa
     assert run.saved_config().onboard is False  # a one-off: a later resume trains again
     again = fedrep_cli("run", "--resume", str(run_dir), "--onboard")
     assert "onboarded 0 new clients" in again.stderr and len(RunDir(run_dir).read_onboarded()) == len(held)
+
+
+def test_track_mirrors_a_finished_run_into_tensorboard(fedrep_run: Path, tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(fedrep_run, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    out = fedrep_cli("track", str(run_dir), "--tracking", "tensorboard").stdout
+    assert f"mirrored {ROUNDS} rounds" in out
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    rows = RunDir(run_dir).read_metrics()
+    assert [e.step for e in accumulator.Scalars("train-loss")] == [r["round"] for r in rows]
