@@ -122,3 +122,13 @@ def test_sign_flipping_attackers_wreck_the_mean_and_the_median_holds(tmp_path: P
     # The attackers' poisoned bodies reached the server (the audit), their heads did not.
     audit = [json.loads(line) for line in (tmp_path / "mean" / "messages.jsonl").read_text().splitlines()]
     assert all(not any(name.startswith("head.") for name in r["arrays"]) for r in audit)
+
+
+def test_bulyan_stays_with_the_honest_updates(in_a_server_app: None):
+    rng = np.random.default_rng(2)
+    honest = [({"body.w": (1.0 + 0.01 * rng.normal(size=4)).astype(np.float32)}, 1.0) for _ in range(6)]
+    updates = [*honest[:3], ({"body.w": np.full(4, 80.0, dtype=np.float32)}, 1.0), *honest[3:]]
+    cfg = parse_run_config({"aggregation": "bulyan", "byzantine-clients": 1, "fraction-train": 1.0,
+                            "num-clients": 7})
+    bulyan = robust_aggregate(cfg, 1, updates)["body.w"]
+    assert np.all(np.abs(bulyan - 1.0) < 0.05)  # the poisoned 80s never get in
