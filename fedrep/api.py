@@ -16,8 +16,10 @@ resumable), and plots are drawn without touching matplotlib's backend.
     run = fedrep.resume(run.path, rounds=5) # continue the same run to round 5
 
 A run in a notebook keeps Ray's worker processes only while it runs; each call starts and stops
-its own. After a Ctrl-C, Flower may leave a client thread waiting on a stopped worker; it holds
-no files and ends with the interpreter.
+its own. Known limit: after a Ctrl-C, Flower may leave one of its client threads waiting on a Ray
+worker that is gone. It holds no files and does not disturb later runs, but Python joins it at
+exit, so a *script* that caught the interrupt should end with ``os._exit(code)`` (as the CLI
+does); a notebook kernel is unaffected until it is restarted.
 """
 
 from __future__ import annotations

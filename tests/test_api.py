@@ -96,6 +96,10 @@ def test_ctrl_c_raises_keyboard_interrupt_and_the_same_interpreter_resumes(tmp_p
         print("after interrupt", fedrep.open_run({str(tmp_path / 'run')!r}).last_round, flush=True)
         run = fedrep.resume({str(tmp_path / 'run')!r}, rounds=3)
         print("resumed", run.status, run.last_round, flush=True)
+        # Known limit (fedrep/api.py): a Flower client thread of the interrupted run may still
+        # wait on a Ray worker that is gone, and Python joins it at exit; a script ends itself.
+        import os
+        os._exit(0)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
