@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from clients.state import load_personal, save_personal
 from fedrep.algorithms.attacks import attackers, flip_labels, poison_update
 from fedrep.algorithms.base import ClientUpdateRule
+from fedrep.algorithms.privacy import CLIENT_NOISE, clip_update, local_release, noise_generator
 from fedrep.algorithms.training import EVAL, FINETUNE, TRAIN, round_generator
 from fedrep.config import RunConfig, parse_run_config
 from fedrep.data.federated import ClientData, load_client_data
@@ -184,6 +185,20 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({METRICS: MetricRecord(info)}), reply_to=msg)
 
 
+def _privatize(job: Job, sent: ArrayRecord, trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What leaves the client under DP: its update of the shared part clipped to dp-clip-norm
+    (central DP, dp-clipping='client'), and noised with its own stream (local DP)."""
+    cfg = job.cfg
+    base = {k: v.numpy() for k, v in sent.to_torch_state_dict().items()}
+    mine = {k: v.detach().cpu().numpy() for k, v in trained.items()}
+    if cfg.dp == "local":
+        rng = noise_generator(cfg.seed, cfg.dp_noise_source, job.server_round, CLIENT_NOISE + job.partition)
+        out = local_release(base, mine, cfg.dp_clip_norm, cfg.dp_noise_multiplier, rng)
+    else:
+        out = clip_update(base, mine, cfg.dp_clip_norm).arrays
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, after_training=False)
@@ -196,7 +211,9 @@ def train(msg: Message, context: Context) -> Message:
     result = rule.fit(model, data, job.generator(TRAIN))
     state = _keep_personal(job, context)
     shared_state = {k: state[k] for k in rule.shared_keys(model)}
-    if attacking and cfg.attack in ("sign-flip", "scale"):  # poison what goes out; the head stays
+    if cfg.dp == "local" or (cfg.dp == "central" and cfg.dp_clipping == "client"):
+        shared_state = _privatize(job, msg.content[ARRAYS], shared_state)
+    if attacking and cfg.attack in ("sign-flip", "scale"):  # an attacker sends what it likes: no DP
         shared_state = poison_update(msg.content[ARRAYS].to_torch_state_dict(), shared_state, cfg.attack,
                                      cfg.attack_scale)
     shared = ArrayRecord(shared_state)

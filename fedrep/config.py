@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedrep.algorithms.privacy_keys import PrivacyKeys, privacy_problem
 from fedrep.algorithms.robust_keys import RobustKeys, aggregation_problem
 from fedrep.algorithms.update_keys import LocalUpdateKeys
 from fedrep.data import domains_spec, images_spec, leaf_spec, linear_spec
@@ -188,7 +189,8 @@ class CoreKeys(KeySection):
         "run-dir=\"RUN_DIR\" onboard=true'`.")
 
 
-class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys):
+class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, LeafKeys, DomainKeys,
+                LinearTaskKeys):
     """Everything one federated run needs: the core keys and every concern's section, one flat
     key space (field aliases are the run-config keys). Each section checks its own keys; the
     checks across sections (a model that fits the data set, a partition the data set allows) are
@@ -286,6 +288,7 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, Doma
         if self.resume and not self.run_dir:
             raise ValueError("resume=true needs run-dir: the folder of the run to continue")
         self._check_robustness(spec.multi_domain)
+        self._check_privacy(spec.multi_domain)
         if self.onboard and not self.resume:
             raise ValueError("onboard=true gives new clients heads on a finished run's body: use it "
                              "with resume (fedrep run --resume RUN_DIR --onboard)")
@@ -314,6 +317,25 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, Doma
                              f"{self.fraction_train} of {federation} clients); raise fraction-train or "
                              "num-clients, or lower byzantine-clients")
 
+    def _check_privacy(self, multi_domain: bool) -> None:
+        """Differential privacy: settings whose guarantee would not hold, refused at start."""
+        if self.dp == "none":
+            return
+        if multi_domain or self.strategy == "local":
+            raise ValueError(f"dp={self.dp!r} protects what clients share; {self.strategy} on "
+                             f"{self.dataset} shares no averaged part: set dp='none'")
+        problem = privacy_problem(self.dp, self.dp_clipping, self.dp_adaptive_clip, self.dp_noise_multiplier,
+                                  self.dp_epsilon_budget, self.aggregation)
+        if problem:
+            raise ValueError(f"dp={self.dp!r}: {problem}")
+        if self.dp_adaptive_clip:
+            from fedrep.algorithms.privacy import count_stddev, update_noise_multiplier
+            from fedrep.algorithms.sampling import new_clients, num_sampled
+
+            federation = self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
+            per_round = num_sampled(federation, self.fraction_train)
+            update_noise_multiplier(self.dp_noise_multiplier, count_stddev(self.dp_count_stddev, per_round))
+
     def _check_partition(self) -> None:
         if (self.dataset in NATURAL_CLIENTS) != (self.partition == "natural"):
             raise ValueError(
@@ -335,7 +357,10 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, Doma
                              "partition='file' to use it, or leave partition-file empty")
 
     def equal_aggregation(self) -> bool:
-        """Whether clients' shared parameters are averaged with equal weights."""
+        """Whether clients' shared parameters are averaged with equal weights (always under
+        central DP)."""
+        if self.dp == "central":
+            return True
         if self.aggregation_weights == "official":
             return self.dataset not in NATURAL_CLIENTS
         return self.aggregation_weights == "equal"

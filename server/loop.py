@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 
 from fedrep import runlock
 from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACCURACY, last_rounds_mean
+from fedrep.algorithms.privacy import update_norm
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
 from fedrep.flower_runtime import pull_interval
@@ -27,6 +28,7 @@ from fedrep.models import build_model
 from fedrep.plotting import plot_run
 from fedrep.protocol import (
     ACCURACY,
+    ARRAYS,
     FINETUNE_EPOCHS,
     FINETUNED,
     METRICS,
@@ -46,7 +48,9 @@ from fedrep.results import (
 )
 from fedrep.round_program import RoundProgram
 from fedrep.tracking import Trackers, trackers_from
+from server.privacy import PrivacyBudgetReached
 from server.records import from_record, to_record
+from server.strategies.base import SharedAveraging
 
 
 class RunFolderFailure(RuntimeError):
@@ -57,9 +61,10 @@ class AuditingGrid:
     """A Grid proxy that records every message the server receives (kind, sender, the array
     names and bytes it carried), so 'the head never leaves the client' is checkable."""
 
-    def __init__(self, grid: Grid, run: RunDir) -> None:
+    def __init__(self, grid: Grid, run: RunDir, update_norms: bool = False) -> None:
         self._grid = grid
         self._run = run
+        self.update_norms = update_norms  # under DP: record how far each train reply moved the model
         self.server_round = 0
         self.rows: list[dict[str, Any]] = []
         self.partition_of: dict[int, int] = {}  # node -> partition, from earlier replies
@@ -92,6 +97,7 @@ class AuditingGrid:
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
         dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_of = {m.metadata.message_id: m for m in messages}
         for reply in replies:
             row: dict[str, Any] = {
                 "round": self.server_round,
@@ -105,6 +111,11 @@ class AuditingGrid:
                 for name, record in reply.content.array_records.items():
                     row["arrays"] += [f"{name}/{key}" for key in record]
                     row["bytes"] += record.count_bytes()
+                asked = sent_of.get(reply.metadata.reply_to_message_id)
+                if (self.update_norms and asked is not None
+                        and reply.metadata.message_type == MessageType.TRAIN):
+                    row["update-norm"] = update_norm(from_record(asked.content[ARRAYS]),
+                                                     from_record(reply.content[ARRAYS]))
                 metrics = reply.content.metric_records.get(METRICS)
                 if metrics is not None:
                     row["metrics"] = dict(metrics)
@@ -185,6 +196,10 @@ def _progress(cfg: RunConfig, server_round: int, row: dict[str, Any], started: f
         parts.append(f"fine-tuned {row['accuracy-finetuned-mean']:.4f}")
     if "train-loss" in row and not math.isnan(row["train-loss"]):
         parts.append(f"train-loss {row['train-loss']:.4g}")
+    if "dp-epsilon" in row:
+        parts.append(f"ε {row['dp-epsilon']:.3g} (δ {row['dp-delta']:g})")
+    elif cfg.dp != "none":
+        parts.append("ε ∞ (no noise)")
     if "representation-distance" in row:
         parts.append(f"dist(B,B*) {row['representation-distance']:.2e}")
     parts.append(f"{row['round-seconds']:.1f}s/round, eta {eta:.0f}s")
@@ -384,6 +399,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
     rule.check(model)  # a deployment has no CLI preflight: refuse before any client works
     shared_keys = rule.shared_keys(model)
     strategy = plugin.server_strategy(cfg)
+    if cfg.dp != "none" and not isinstance(strategy, SharedAveraging):
+        raise RuntimeError(f"dp={cfg.dp!r}: {cfg.strategy}'s server ({type(strategy).__name__}) does not "
+                           "average a shared part through fedrep.SharedAveraging, so fedrep cannot "
+                           "clip, noise and account for it; set dp='none'")
     if last > 0:
         arrays = run.load_checkpoint(last)
         if sorted(arrays) != sorted(shared_keys):
@@ -396,7 +415,7 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
         arrays = {k: state[k].numpy() for k in shared_keys}
     b_star = (ground_truth_representation(cfg.linear_dim, cfg.linear_rank, cfg.seed)
               if cfg.dataset == "linear-synthetic" else None)
-    audit = AuditingGrid(grid, run)
+    audit = AuditingGrid(grid, run, update_norms=cfg.dp != "none")
     trained = _trained_before(run, last)
     state_root = run.path / "client-state"
     print(f"[fedrep] {cfg.strategy} on {cfg.dataset}: {cfg.num_clients} clients, "
@@ -412,7 +431,12 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
             audit.server_round = server_round
             record = to_record(arrays)
             config = ConfigRecord({RUN_DIR: str(run.path)})
-            outcome = strategy.train_round(server_round, record, config, audit, timeout)
+            try:
+                outcome = strategy.train_round(server_round, record, config, audit, timeout)
+            except PrivacyBudgetReached as spent:  # a planned end, before any client trained
+                run.write_state(server_round - 1, "stopped", error=str(spent), **_strategy_state(strategy))
+                print(f"[fedrep] {spent}", file=sys.stderr, flush=True)
+                break
             new_arrays, train_metrics, sent = outcome.arrays, outcome.metrics, outcome.bytes_sent
             if new_arrays is None:
                 raise RuntimeError(f"round {server_round}: every sampled client failed; see log")
@@ -460,7 +484,8 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
             _progress(cfg, server_round, row, started, last + 1, _failures_note(row, client_events))
             for line in _event_lines(events):
                 print(f"[fedrep] {line}", file=sys.stderr, flush=True)
-        run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
+        else:
+            run.write_state(cfg.num_rounds, "completed", **_strategy_state(strategy))
     paper = last_rounds_mean(weighted, cfg.num_rounds)
     if paper is not None:
         print(f"[fedrep] the paper's metric (test-size-weighted mean local accuracy, averaged over the "

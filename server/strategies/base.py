@@ -60,6 +60,7 @@ from fedrep.protocol import (
     restored_of,
 )
 from fedrep.round_program import EvalOutcome, RoundProgram, TrainOutcome
+from server.privacy import PrivacyLedger
 from server.records import from_record, to_record
 
 # Error codes meaning "the node (or its ClientApp process) is gone", not "the client code failed".
@@ -325,7 +326,26 @@ class SharedAveraging(Federation, Strategy):
     """Average the shared arrays the clients return, weighted by their sample counts (or equally,
     ``aggregation-weights``). A Flower ``Strategy`` whose hooks are the whole round, so Flower's
     own ``Strategy.start()`` runs it correctly too; fedrep's round loop drives the same hooks
-    through :meth:`train_round`."""
+    through :meth:`train_round`.
+
+    With ``dp`` on, the shared part is released under differential privacy
+    (:class:`server.privacy.PrivacyLedger`): central DP clips, averages equally and noises here;
+    local DP's clients noise their own updates and this only accounts for them."""
+
+    def __init__(self, cfg: RunConfig, options: object = None, query_timeout: float = 600.0) -> None:
+        super().__init__(cfg, options, query_timeout)
+        self.privacy: PrivacyLedger | None = PrivacyLedger(cfg) if cfg.dp != "none" else None
+        self._sent_arrays: dict[str, Any] = {}
+        self._sampled = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"privacy": self.privacy.state_dict()} if self.privacy is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])
+            state = {k: v for k, v in state.items() if k != "privacy"}
+        super().load_state_dict(state)
 
     def train_round(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
                     timeout: float) -> TrainOutcome:
@@ -348,6 +368,9 @@ class SharedAveraging(Federation, Strategy):
         known = self.discover(grid)
         chosen = sample_clients(self.cfg.seed, server_round, self._federation(known),
                                 self.cfg.fraction_train)
+        if self.privacy is not None:  # before any client trains: a refused round costs nothing
+            self.privacy.check_budget(server_round, chosen)
+            self._sent_arrays, self._sampled = from_record(arrays), len(chosen)
         config[SERVER_ROUND] = server_round
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
 
@@ -360,7 +383,9 @@ class SharedAveraging(Federation, Strategy):
         updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
         equal = self.cfg.equal_aggregation()  # aggregation-weights
         weighted = [(a, 1.0) for a, _ in updates] if equal else updates
-        if self.cfg.aggregation == "mean":
+        if self.privacy is not None and self.cfg.dp == "central":
+            averaged = self.privacy.release(server_round, self._sent_arrays, [a for a, _ in updates])
+        elif self.cfg.aggregation == "mean":
             averaged = weighted_average(weighted)
         else:
             from server.robust import robust_aggregate
@@ -371,6 +396,9 @@ class SharedAveraging(Federation, Strategy):
         metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
         if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
             metrics[TRAIN_LOSS] = summarize(*zip(*finite, strict=True))["weighted-mean"]
+        if self.privacy is not None:
+            self.privacy.account(self._sampled, [int(r.content[METRICS][PARTITION_ID]) for r in ok])
+            metrics.update(self.privacy.round_metrics())
         return to_record(averaged), metrics
 
 
