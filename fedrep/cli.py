@@ -299,7 +299,21 @@ def cmd_strategies(_: argparse.Namespace) -> int:
                   f"'strategy-options={{{row['options'][0][0]}}}'):")
             for assignment, description in row["options"]:
                 print(f"{'':<{width}}    {assignment}" + (f"  # {description}" if description else ""))
+    _print_shared_part_options()
     return 0
+
+
+def _print_shared_part_options() -> None:
+    """The keys every strategy with an averaged shared part takes (all but local and kd3a):
+    robust aggregation, attacks and differential privacy, each with its source."""
+    from fedrep.algorithms.privacy_keys import PrivacyKeys
+    from fedrep.algorithms.robust_keys import RobustKeys
+
+    print("\nFor every strategy that averages a shared part (not local, not kd3a), these keys "
+          "(`fedrep config` has them all):")
+    for section in (RobustKeys, PrivacyKeys):
+        for name, field in section.model_fields.items():
+            print(f"  {field.alias or name} = {field.default!r}: {field.description}")
 
 
 def _seed_list(text: str) -> list[int]:

@@ -23,6 +23,10 @@ def test_strategies_lists_builtins_with_package():
     assert "strategy-options (TOML inline table: --set 'strategy-options={personal = [\"head\"]}')" in out
     assert '    personal = ["head"]  # State-dict prefixes kept on the client' in out
     assert "    personal_batchnorm = false  # " in out and '    mode = "kd3a"  # ' in out
+    # the keys every strategy with a shared part takes: robust aggregation, attacks, DP, with sources
+    assert "  aggregation = 'mean': " in out and "(FedMedian)" in out
+    assert "  dp = 'none': User-level differential privacy" in out and "McMahan et al. 2018" in out
+    assert "  dp-accountant = 'without-replacement': " in out
 
 
 def test_version_is_the_installed_distribution():
