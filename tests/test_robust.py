@@ -132,3 +132,21 @@ def test_bulyan_stays_with_the_honest_updates(in_a_server_app: None):
                             "num-clients": 7})
     bulyan = robust_aggregate(cfg, 1, updates)["body.w"]
     assert np.all(np.abs(bulyan - 1.0) < 0.05)  # the poisoned 80s never get in
+
+
+@pytest.mark.e2e
+def test_a_run_under_attack_with_a_robust_aggregator_resumes_bitwise(tmp_path: Path, fmnist_dir: Path):
+    """Label-flipping and sign-flipping are fixed by the seed, and the median by the replies: a run
+    stopped after round 2 and resumed to round 3 ends on the bits of a run never stopped."""
+    attack = [*SIM, "--seed", "5", "--set", "attack=sign-flip", "--set", "attack-share=0.34",
+              "--set", "aggregation=median", "--set", f"data-dir={fmnist_dir}"]
+    fedrep_cli("run", *attack, "--rounds", "2", "--set", f"run-dir={tmp_path / 'resumed'}")
+    fedrep_cli("run", "--resume", str(tmp_path / "resumed"), "--rounds", "3")
+    fedrep_cli("run", *attack, "--rounds", "3", "--set", f"run-dir={tmp_path / 'straight'}")
+    for r in (1, 2, 3):
+        name = f"checkpoints/round-{r:04d}.pt"
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    key = "accuracy-honest-mean"
+    assert [json.loads(x)[key] for x in resumed] == [json.loads(x)[key] for x in straight]
