@@ -25,6 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FLWR_VERSION = "1.41.0"
+# Images and the Flower version come from the environment, today's values the defaults, so that a
+# user with a private registry (or a machine with none: deploy/local_images.sh) substitutes them
+# without editing the file.
+VERSION = f"${{FLWR_VERSION:-{FLWR_VERSION}}}"
+LINK_IMAGE = f"${{FLWR_SUPERLINK_IMAGE:-flwr/superlink}}:{VERSION}"
+NODE_IMAGE = f"${{FLWR_SUPERNODE_IMAGE:-flwr/supernode}}:{VERSION}"
+EXEC_BASE_IMAGE = f"${{FLWR_SUPEREXEC_IMAGE:-flwr/superexec}}:{VERSION}"
 LINK_PORT = 8000  # Fleet + Control + Runtime API (one HTTP(S) server in flwr 1.41)
 NODE_PORT = 9094  # a SuperNode's Runtime API, dialled by its ClientApp SuperExec
 APP_IMAGE = "fedrep-superexec:latest"
@@ -105,7 +112,7 @@ def build_services(num_nodes: int, secure: bool = True) -> list[Service]:
     services = [
         Service(
             name="superlink", host="link", program="flower-superlink",
-            image=f"flwr/superlink:{FLWR_VERSION}",
+            image=LINK_IMAGE,
             args=("--host", "0.0.0.0", "--port", str(LINK_PORT), "--isolation", "process",
                   "--database", f"{STATE}/superlink.db", "--disable-runtime-dependency-installation",
                   *link_flags),
@@ -144,7 +151,7 @@ def build_services(num_nodes: int, secure: bool = True) -> list[Service]:
             if secure else ("--insecure",))
         services.append(Service(
             name=name, host=f"node-{index}", program="flower-supernode", node_index=index,
-            image=f"flwr/supernode:{FLWR_VERSION}",
+            image=NODE_IMAGE,
             args=("--superlink", f"superlink:{LINK_PORT}", "--isolation", "process", "--host", "0.0.0.0",
                   "--port", str(NODE_PORT), "--node-config", node_config(index, num_nodes), *node_flags),
             mounts=(Mount(f"./deploy/credentials/{name}", CREDENTIALS, read_only=True),),
@@ -170,7 +177,9 @@ def compose_document(services: list[Service]) -> dict:
     for svc in services:
         spec: dict = {}
         if svc.build:
-            spec["build"] = {"context": ".", "dockerfile": APP_DOCKERFILE}
+            spec["build"] = {"context": ".", "dockerfile": APP_DOCKERFILE,
+                             "args": {"BASE_IMAGE": EXEC_BASE_IMAGE,
+                                      "PIP_INSTALL_FLAGS": "${FEDREP_PIP_INSTALL_FLAGS:-}"}}
         spec["image"] = svc.image
         spec["hostname"] = svc.name
         spec["entrypoint"] = [svc.program]

@@ -52,7 +52,7 @@ def test_compose_file_describes_the_tested_topology():
                              *(f"supernode-{i}" for i in (1, 2, 3)),
                              *(f"superexec-clientapp-{i}" for i in (1, 2, 3))}
     link = services["superlink"]
-    assert link["image"] == f"flwr/superlink:{FLWR_VERSION}"
+    assert link["image"] == f"${{FLWR_SUPERLINK_IMAGE:-flwr/superlink}}:${{FLWR_VERSION:-{FLWR_VERSION}}}"
     assert link["ports"] == [f"{LINK_PORT}:{LINK_PORT}"]  # Fleet, Control and Runtime on one port
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
                  "--disable-runtime-dependency-installation"):
@@ -62,7 +62,7 @@ def test_compose_file_describes_the_tested_topology():
     for i in (1, 2, 3):
         node = services[f"supernode-{i}"]
         cmd = node["command"]
-        assert node["image"] == f"flwr/supernode:{FLWR_VERSION}"
+        assert node["image"] == f"${{FLWR_SUPERNODE_IMAGE:-flwr/supernode}}:${{FLWR_VERSION:-{FLWR_VERSION}}}"
         config = dict(item.split("=", 1) for item in shlex.split(_arg(cmd, "--node-config")))
         assert config == {"partition-id": str(i - 1), "num-partitions": "3", "state-dir": "/app/state"}
         assert _arg(cmd, "--superlink") == f"superlink:{LINK_PORT}"
@@ -99,8 +99,10 @@ def test_pinned_flower_version_is_the_one_installed_and_in_the_images():
     pin = re.search(r'"flwr\[simulation\]==([\d.*]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert FLWR_VERSION.startswith(pin.rstrip("*"))
     dockerfile = (REPO / "deploy/docker/superexec.Dockerfile").read_text()
-    assert f"ARG FLWR_VERSION={FLWR_VERSION}" in dockerfile
-    assert "FROM flwr/superexec:${FLWR_VERSION}" in dockerfile
+    assert f"ARG BASE_IMAGE=flwr/superexec:{FLWR_VERSION}" in dockerfile
+    assert "FROM ${BASE_IMAGE}" in dockerfile
+    assert f'ARG FLWR_VERSION={FLWR_VERSION}' in (REPO / "deploy/local-images/flwr.Containerfile").read_text()
+    assert f"${{FLWR_VERSION:-{FLWR_VERSION}}}" in COMPOSE.read_text()
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in dockerfile
     assert "deploy/credentials/" in (REPO / ".dockerignore").read_text()
 
@@ -151,3 +153,39 @@ def test_local_processes_map_container_paths_to_host_folders(tmp_path: Path):
     assert (cwd / "runs").resolve() == (tmp_path / "vol" / "fedrep-results").resolve()
     _, _, env = local_process(by_name["superexec-clientapp-1"], layout, services)
     assert env == {"FEDREP_DATA_DIR": str(tmp_path / "data")}
+
+
+def _compose_config(env: dict[str, str]) -> dict:
+    """``podman-compose config``: the compose file as the engine's front end reads it."""
+    import os
+    import shutil
+    import subprocess
+
+    front = shutil.which("podman-compose")
+    if front is None or shutil.which("podman") is None:
+        pytest.skip("needs podman and podman-compose (.ci/run installs both; pip install podman-compose)")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "FEDREP_"))}
+    proc = subprocess.run([front, "-f", str(COMPOSE), "config"], cwd=REPO, env={**base, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return yaml.safe_load(proc.stdout)
+
+
+def test_compose_config_takes_images_and_version_from_the_environment():
+    """The engine's own front end validates the file; images and Flower's version are variables
+    with today's values as defaults, so a private registry (or deploy/local-images) substitutes
+    them without editing files."""
+    default = _compose_config({})["services"]
+    assert default["superlink"]["image"] == f"flwr/superlink:{FLWR_VERSION}"
+    assert default["supernode-1"]["image"] == f"flwr/supernode:{FLWR_VERSION}"
+    assert f"BASE_IMAGE=flwr/superexec:{FLWR_VERSION}" in default["superexec-serverapp"]["build"]["args"]
+    local = _compose_config({"FLWR_VERSION": "9.9.9", "FLWR_SUPERLINK_IMAGE": "reg.example/superlink",
+                             "FLWR_SUPERNODE_IMAGE": "reg.example/supernode",
+                             "FLWR_SUPEREXEC_IMAGE": "reg.example/superexec",
+                             "FEDREP_PIP_INSTALL_FLAGS": "--no-index"})["services"]
+    assert local["superlink"]["image"] == "reg.example/superlink:9.9.9"
+    assert {local[f"supernode-{i}"]["image"] for i in (1, 2, 3)} == {"reg.example/supernode:9.9.9"}
+    args = local["superexec-clientapp-2"]["build"]["args"]
+    assert "BASE_IMAGE=reg.example/superexec:9.9.9" in args and "PIP_INSTALL_FLAGS=--no-index" in args
+    assert local["supernode-2"]["depends_on"]["register-supernodes"]["condition"] == (
+        "service_completed_successfully")
