@@ -181,6 +181,11 @@ def resolve_run_config(args: argparse.Namespace, local: bool = True) -> RunConfi
         values["on-damaged-head"] = "restart"
     if getattr(args, "onboard", False):
         values["onboard"] = True
+    if args.resume and not local:
+        # A deployment's run folder is on the ServerApp's host: the ServerApp opens it, and refuses
+        # settings other than the run's (so give the run's settings again, as first submitted).
+        values.update({"resume": True, "run-dir": str(args.resume)})
+        return settle_config(values, local=False)
     return settle_config(values, resume=args.resume, local=local)
 
 
@@ -202,21 +207,56 @@ def _flwr_submit(cfg: RunConfig, args: argparse.Namespace) -> None:
           "ServerApp's host (Ctrl-C stops watching; the run goes on)", file=sys.stderr, flush=True)
     args.interrupt_hint = (f"stopped watching; run {run_id} goes on (`flwr log {run_id} {connection} "
                            f"--stream` to watch again, `flwr stop {run_id} {connection}` to stop it)")
-    subprocess.run([flwr, "log", run_id, connection, "--stream"], check=False)
+    # A SuperLink restart (its state on a volume) does not end the run: the ServerApp and the
+    # SuperNodes reconnect and go on, but the log stream breaks. Watch again while the SuperLink
+    # says the run is not finished, and wait out an unreachable SuperLink for a while.
+    unreachable_since: float | None = None
+    while True:
+        subprocess.run([flwr, "log", run_id, connection, "--stream"], check=False)
+        status, details = _flwr_status(flwr, connection, run_id)
+        if status.startswith("finished"):
+            break
+        if status == "unknown":
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > SUPERLINK_GRACE_S:
+                raise RunFailed(f"the SuperLink behind {connection} has been unreachable for "
+                                f"{SUPERLINK_GRACE_S:.0f}s; run {run_id} may still go on when it is back "
+                                f"(`flwr ls {connection} --run-id {run_id}`); if it ended unfinished, "
+                                f"continue it with `fedrep run --resume RUN_DIR --engine flwr --superlink "
+                                f"{connection}` (deploy/README.md, 'A lost SuperLink')")
+            print(f"[fedrep] lost the SuperLink behind {connection}; waiting for it (run {run_id} is "
+                  "kept in its database)", file=sys.stderr, flush=True)
+            time.sleep(10)
+            continue
+        unreachable_since = None
+        print(f"[fedrep] the log stream ended while run {run_id} is {status}; watching again (the log "
+              "starts over)", file=sys.stderr, flush=True)
+        time.sleep(2)
+    if status != "finished:completed":
+        raise RunFailed(f"run {run_id} on {connection} ended {status}: {details}")
+
+
+SUPERLINK_GRACE_S = 600.0
+
+
+def _flwr_status(flwr: str, connection: str, run_id: str) -> tuple[str, str]:
+    """The SuperLink's status of a run ("unknown" while it cannot be reached). The log stream can
+    end a moment before the status is final, so a running status is asked again for a while."""
+    import json
+
     status, details = "unknown", ""
-    for _ in range(60):  # the log stream can end a moment before the status is final
+    for _ in range(15):
         listed = subprocess.run([flwr, "ls", connection, "--run-id", run_id, "--format", "json"],
                                 capture_output=True, text=True, check=False)
         try:
             row = json.loads(listed.stdout[listed.stdout.index("{"):])["runs"][0]
             status, details = row["status"], row.get("status-details", "")
         except (ValueError, KeyError, IndexError):
-            pass
+            status = "unknown"
         if status.startswith("finished"):
             break
         time.sleep(2)
-    if status != "finished:completed":
-        raise RunFailed(f"run {run_id} on {connection} ended {status}: {details}")
+    return status, details
 
 
 def cmd_run(args: argparse.Namespace) -> int:
