@@ -233,7 +233,9 @@ def _flwr_submit(cfg: RunConfig, args: argparse.Namespace) -> None:
               "starts over)", file=sys.stderr, flush=True)
         time.sleep(2)
     if status != "finished:completed":
-        raise RunFailed(f"run {run_id} on {connection} ended {status}: {details}")
+        raise RunFailed(f"run {run_id} on {connection} ended {status}: {details}. Every completed round "
+                        f"is kept in {cfg.run_dir} on the ServerApp's host; continue from the last one with "
+                        f"this command plus `--resume {cfg.run_dir}`")
 
 
 SUPERLINK_GRACE_S = 600.0
