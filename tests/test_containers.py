@@ -160,6 +160,10 @@ def test_compose_deployment_in_containers_survives_a_node_the_superlink_and_the_
     t = time.monotonic()
     stack.sh(str(REPO / "deploy/local-images/build.sh"), timeout=1800)
     _timed(stack, "build images", t)
+    probe = stack.sh("podman", "run", "--rm", f"{LOCAL}/supernode:{FLWR_VERSION}", "flower-supernode",
+                     "--help", check=False)
+    if probe.returncode != 0:  # podman builds, but this kernel will not run a container
+        pytest.skip(f"containers e2e: podman cannot run a container here: {probe.stderr.strip()[-300:]}")
 
     (root / "docker-compose.yml").write_text(render_compose(NODES))
     make_credentials(root / "deploy/credentials", NODES, extra_link_names=["localhost", "127.0.0.1"])

@@ -189,3 +189,15 @@ def test_compose_config_takes_images_and_version_from_the_environment():
     assert "BASE_IMAGE=reg.example/superexec:9.9.9" in args and "PIP_INSTALL_FLAGS=--no-index" in args
     assert local["supernode-2"]["depends_on"]["register-supernodes"]["condition"] == (
         "service_completed_successfully")
+
+
+def test_gpu_override_reserves_a_gpu_for_each_clientapp_executor():
+    from deploy.topology import render_gpu_override
+
+    assert (REPO / "docker-compose.gpu.yml").read_text() == render_gpu_override(3)
+    services = yaml.safe_load(render_gpu_override(3))["services"]
+    for i in (1, 2, 3):
+        devices = services[f"superexec-clientapp-{i}"]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+        assert "cu126" in services[f"superexec-clientapp-{i}"]["build"]["args"]["TORCH_INDEX"]
+    assert "deploy" not in services["superexec-serverapp"]  # the server aggregates on CPU

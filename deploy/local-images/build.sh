@@ -12,7 +12,14 @@ cd "$(dirname "$0")/../.."
 FLWR_VERSION=${FLWR_VERSION:-1.41.0}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 SUITE=${DEBIAN_SUITE:-bookworm}
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror: DEBIAN_MIRROR, else the one this machine's apt uses, else deb.debian.org.
+apt_mirror() {
+  { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+    grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } \
+    | grep -v -e security -e '^$' | head -1
+}
+MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
 WORK=${FEDREP_IMAGE_WORK:-/var/tmp/fedrep-images}
 PREFIX=localhost/fedrep-local
 PODMAN=${PODMAN:-podman}
