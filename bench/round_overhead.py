@@ -15,6 +15,9 @@ Measures, side by side in one invocation:
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
   rebuilds the model and reloads and re-partitions its data on every message, as ClientApps
   written the usual way do;
+* usual: FedRep written the usual way (``bench/usual_clientapp.py``: a ClientApp as Flower's
+  documentation teaches it, head in ``context.state``, every head epoch through the whole
+  network, nothing cached), driven by the same ServerApp: the ratio a user gets by switching;
 * head-cache: the local update with and without head epochs on cached body features.
 
 Prints the ratios and writes them to ``bench/out/round_overhead.json``.
@@ -109,7 +112,8 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
 def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
                  dispatch: str = "fast") -> float:
     """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys)."""
-    run_dir = workdir / f"{'stock' if client_app else 'flower'}-{dispatch}-run"
+    label = client_app.split(":")[0].rsplit(".", 1)[-1] if client_app else "flower"
+    run_dir = workdir / f"{label}-{dispatch}-run"
     cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", "2", "--set", f"run-dir={run_dir}"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true",
                         help="throughput of tiny clients: 1,000 FedAvg clients of one batch (10 images)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-ClientApp run")
+    parser.add_argument("--no-usual", action="store_true", help="skip FedRep written the usual way")
     parser.add_argument("--no-flower-dispatch", action="store_true",
                         help="skip the run with Flower's own message dispatch loop")
     args = parser.parse_args()
@@ -154,6 +159,8 @@ def main() -> None:
         flower_s = flower_round(settings, Path(tmp))
         dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
+        usual_s = (None if args.no_usual or cfg.strategy != "fedrep" else
+                   flower_round(settings, Path(tmp), "bench.usual_clientapp:app"))
     references.append(reference_round(cfg, server_round=2))
     parallels.append(parallel_reference_round(settings, 2, workers))
     reference_s, parallel_s = sum(references) / 2, sum(parallels) / 2
@@ -176,6 +183,8 @@ def main() -> None:
     if stock_s is not None:
         result.update({"stock-s": stock_s, "stock-over-ideal": stock_s / ideal_s,
                        "stock-over-flower": stock_s / flower_s})
+    if usual_s is not None:
+        result.update({"usual-s": usual_s, "usual-over-fedrep": usual_s / flower_s})
     if not args.tiny:
         plain_s, cached_s = head_cache_speedup(cfg, args.cache_clients)
         result.update({"head-cache-plain-s": plain_s, "head-cache-cached-s": cached_s,
@@ -205,6 +214,9 @@ def main() -> None:
     if stock_s is not None:
         print(f"  stock / ideal        = {stock_s / ideal_s:.2f}x")
         print(f"  stock / fedrep       = {stock_s / flower_s:.2f}x")
+    if usual_s is not None:
+        print(f"  FedRep the usual way: {usual_s:8.2f} s   {calls / usual_s:8.1f} calls/s")
+        print(f"  usual way / fedrep   = {usual_s / flower_s:.2f}x")
     if "head-cache-speedup" in result:
         print(f"  head-feature cache speed-up of the local update = {result['head-cache-speedup']:.2f}x")
 
