@@ -175,6 +175,7 @@ def test_data_set_and_partition_mismatches_name_the_fix(values: dict, message: s
 def test_keys_are_declared_by_their_concern_and_form_one_flat_key_space():
     """The core model holds no data-set or local-update key; each section owns its keys and its
     check, and RunConfig is exactly their union, so users see one flat key space."""
+    from fedrep.algorithms.privacy_keys import PrivacyKeys
     from fedrep.algorithms.robust_keys import RobustKeys
     from fedrep.algorithms.update_keys import LocalUpdateKeys
     from fedrep.config import DATASETS, CoreKeys
@@ -183,7 +184,7 @@ def test_keys_are_declared_by_their_concern_and_form_one_flat_key_space():
     from fedrep.data.leaf_spec import LeafKeys
     from fedrep.data.linear_spec import LinearTaskKeys
 
-    sections = (LocalUpdateKeys, RobustKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys)
+    sections = (LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, LeafKeys, DomainKeys, LinearTaskKeys)
     owned = [set(section.model_fields) for section in sections]
     assert all(not (keys & set(CoreKeys.model_fields)) for keys in owned)
     assert set().union(CoreKeys.model_fields, *owned) == set(RunConfig.model_fields)

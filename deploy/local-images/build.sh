@@ -14,9 +14,9 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 SUITE=${DEBIAN_SUITE:-bookworm}
 # The Debian mirror: DEBIAN_MIRROR, else the one this machine's apt uses, else deb.debian.org.
 apt_mirror() {
-  { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+  { { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
     grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } \
-    | grep -v -e security -e '^$' | head -1
+    | grep -v -e security -e '^$' | head -1; } || true  # no sources file: the default below
 }
 MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
