@@ -158,7 +158,10 @@ def test_compose_deployment_in_containers_survives_a_node_the_superlink_and_the_
     # Images: the base from Debian's packages, Flower + CPU torch on it, the app image on that
     # (each skipped when it exists, so CI builds them once per machine).
     t = time.monotonic()
-    stack.sh(str(REPO / "deploy/local-images/build.sh"), timeout=1800)
+    built = stack.sh(str(REPO / "deploy/local-images/build.sh"), timeout=1800, check=False)
+    if built.returncode == 3:  # the script's code for "a package mirror could not be used"
+        pytest.skip(f"containers e2e: no package mirror for the images: {built.stderr.strip()[-500:]}")
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
     _timed(stack, "build images", t)
     probe = stack.sh("podman", "run", "--rm", f"{LOCAL}/supernode:{FLWR_VERSION}", "flower-supernode",
                      "--help", check=False)

@@ -30,8 +30,9 @@ exists() { [ "${FEDREP_REBUILD:-0}" != 1 ] && $PODMAN image exists "$1"; }
 if ! exists "$PREFIX/debian:$SUITE"; then
   say "debootstrap $SUITE from $MIRROR"
   rm -rf "$WORK/rootfs"
+  # Exit 3: a package mirror could not be used (nothing to fix in the recipe; see the log).
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" "$WORK/rootfs" "$MIRROR" \
-    > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; exit 1; }
+    > "$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log" >&2; say "debootstrap from $MIRROR failed"; exit 3; }
   rm -rf "$WORK/rootfs/var/cache/apt/archives/"*.deb
   tar -C "$WORK/rootfs" -c . | $PODMAN import - "$PREFIX/debian:$SUITE" >/dev/null
   rm -rf "$WORK/rootfs"
@@ -50,7 +51,7 @@ print("\n".join(d for d in deps if not d.startswith(("flwr", "torch"))))
 print("torch==$TORCH_VERSION\nsetuptools>=68\nwheel")
 PY
   python3 -m pip download --quiet --only-binary=:all: --dest "$ctx/wheels" \
-    "flwr==$FLWR_VERSION" -r "$ctx/requirements.txt"
+    "flwr==$FLWR_VERSION" -r "$ctx/requirements.txt" || { say "pip download failed"; exit 3; }
   cp deploy/local-images/flwr.Containerfile "$ctx/Containerfile"
   say "image $PREFIX/superexec:$FLWR_VERSION (also tagged superlink, supernode)"
   $PODMAN build --quiet --build-arg "DEBIAN_BASE=$PREFIX/debian:$SUITE" \
