@@ -299,8 +299,6 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, L
 
     def _check_robustness(self, multi_domain: bool) -> None:
         """Robust aggregation and attacks: settings a round could not run, refused at start."""
-        from fedrep.algorithms.sampling import new_clients, num_sampled
-
         if multi_domain and (self.aggregation != "mean" or self.attack != "none"):
             raise ValueError("aggregation / attack apply to strategies that average a shared part; "
                              "KD3A weights its domains itself (its robustness: malicious-domain)")
@@ -308,8 +306,7 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, L
         if self.attack == "none" and self.attack_share > 0:
             raise ValueError(f"attack-share={self.attack_share} but attack='none': name the attack "
                              "(label-flip, sign-flip, scale) or set attack-share=0")
-        federation = self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
-        per_round = num_sampled(federation, self.fraction_train)
+        federation, per_round = self.federation_size(), self.clients_per_round()
         problem = aggregation_problem(self.aggregation, per_round, self.trim_fraction,
                                       self.byzantine_clients, self.krum_select)
         if problem:
@@ -330,11 +327,9 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, L
             raise ValueError(f"dp={self.dp!r}: {problem}")
         if self.dp_adaptive_clip:
             from fedrep.algorithms.privacy import count_stddev, update_noise_multiplier
-            from fedrep.algorithms.sampling import new_clients, num_sampled
 
-            federation = self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
-            per_round = num_sampled(federation, self.fraction_train)
-            update_noise_multiplier(self.dp_noise_multiplier, count_stddev(self.dp_count_stddev, per_round))
+            update_noise_multiplier(self.dp_noise_multiplier,
+                                    count_stddev(self.dp_count_stddev, self.clients_per_round()))
 
     def _check_partition(self) -> None:
         if (self.dataset in NATURAL_CLIENTS) != (self.partition == "natural"):
@@ -355,6 +350,18 @@ class RunConfig(CoreKeys, LocalUpdateKeys, RobustKeys, PrivacyKeys, ImageKeys, L
         elif self.partition_file:
             raise ValueError(f"partition-file is set, but partition={self.partition!r}; set "
                              "partition='file' to use it, or leave partition-file empty")
+
+    def federation_size(self) -> int:
+        """The clients that train: all but the held-out new clients."""
+        from fedrep.algorithms.sampling import new_clients
+
+        return self.num_clients - len(new_clients(self.num_clients, self.new_clients, self.seed))
+
+    def clients_per_round(self) -> int:
+        """How many clients a training round samples when every one is connected."""
+        from fedrep.algorithms.sampling import num_sampled
+
+        return num_sampled(self.federation_size(), self.fraction_train)
 
     def equal_aggregation(self) -> bool:
         """Whether clients' shared parameters are averaged with equal weights (always under

@@ -44,7 +44,6 @@ from fedrep.algorithms.privacy import (
     update_noise_multiplier,
     update_norm,
 )
-from fedrep.algorithms.sampling import new_clients, num_sampled
 from fedrep.config import RunConfig
 
 
@@ -53,18 +52,13 @@ class PrivacyBudgetReached(RuntimeError):
     saved and the run can go on with a larger budget."""
 
 
-def federation_size(cfg: RunConfig) -> int:
-    """The clients that train: all but the held-out new clients."""
-    return cfg.num_clients - len(new_clients(cfg.num_clients, cfg.new_clients, cfg.seed))
-
-
 class PrivacyLedger:
     """What the server keeps for DP across rounds (:meth:`state_dict` goes to ``state.json``)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.population = federation_size(cfg)
-        self.per_round = num_sampled(self.population, cfg.fraction_train)
+        self.population = cfg.federation_size()
+        self.per_round = cfg.clients_per_round()
         self.clip_norm = cfg.dp_clip_norm
         self.participations: dict[int, int] = {}  # local DP: partition -> rounds it released in
         self.accountant = self._new_accountant()
