@@ -50,7 +50,8 @@ from fedrep.files import atomic_write, remove_stale_temp_files, torch_bytes
 
 CLIENT_STATE = "client-state"
 # Keys that may change when a run is resumed; everything else must match the saved config.
-# (client-threads and cache-head-features are not among them: they change float rounding.)
+# (client-threads, cache-head-features, closed-form-head and channels-last are not among them:
+# they change float rounding.)
 ONBOARDED = "onboarded.jsonl"
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
                      "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs",

@@ -101,7 +101,7 @@ class ClientUpdateRule(ABC):
     def evaluate(self, model: SplitModel, data: ClientData, generator: torch.Generator) -> EvalResult:
         """Local test metrics of this client's model. Personalization by fine-tuning
         (FedAvg+FT) overrides this; ``generator`` seeds any training it does."""
-        return evaluate(model, data.x_test, data.y_test)
+        return evaluate(model, data.x_test, data.y_test, channels_last=self.cfg.channels_last)
 
     def act(self, action: str, model: SplitModel, data: ClientData, partition: int,
             inputs: dict[str, dict[str, torch.Tensor]], config: dict, generator: torch.Generator) -> Any:
@@ -124,4 +124,4 @@ class ClientUpdateRule(ABC):
         """Fine-tune in place (the caller discards the result) and evaluate."""
         run_phases(model, data.x_train, data.y_train, self.finetune_phases(model, epochs),
                    self.cfg, generator, data.augment)
-        return evaluate(model, data.x_test, data.y_test)
+        return evaluate(model, data.x_test, data.y_test, channels_last=self.cfg.channels_last)

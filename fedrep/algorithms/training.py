@@ -8,6 +8,7 @@ touching global RNG state, which is what makes resumed runs match uninterrupted 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedrep.algorithms.linear_head import linear_head_epochs, supports_closed_form
 from fedrep.config import RunConfig
 from fedrep.models.base import SplitModel, is_batchnorm
 
@@ -113,8 +115,34 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
 
 
 @torch.no_grad()
-def body_features(model: SplitModel, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def body_features(model: SplitModel, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """The body's output for every sample, ``chunk`` samples at a time: small chunks keep a
+    conv body's activations in cache (on this CPU the paper's CNN takes 0.09 s for 600 images in
+    chunks of 64, 0.18 s in one chunk)."""
     return torch.cat([model.body(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def uses_channels_last(model: nn.Module, x: torch.Tensor, enabled: bool) -> bool:
+    """Whether a local update or evaluation runs in channels-last memory format: images (4-D
+    inputs) through a model with 2-D convolutions, unless the run turned it off."""
+    return enabled and x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+@contextmanager
+def memory_layout(model: nn.Module, x: torch.Tensor, enabled: bool) -> Iterator[torch.Tensor]:
+    """Run the block with the model's conv weights and the images ``x`` in channels-last memory
+    format, then put the weights back in PyTorch's default layout (so state dicts, messages and
+    checkpoints never see the difference). oneDNN's convolutions are much faster in that layout on
+    CPUs: on this machine 2.9x on the paper's CNN forward pass and 1.28x on a training epoch. The
+    values are the same up to float reassociation; ``channels-last=false`` keeps the default."""
+    if not uses_channels_last(model, x, enabled):
+        yield x
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield x.contiguous(memory_format=torch.channels_last)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def run_phases(
@@ -134,6 +162,13 @@ def run_phases(
     features are computed once and the epochs run on the head alone (exact up to float
     reassociation; ``cache-head-features=false`` turns it off). For FedRep's tau_h=10 head
     epochs this removes most of the local FLOPs."""
+    with memory_layout(model, x, cfg.channels_last) as x:
+        return _run_phases(model, x, y, phases, cfg, generator, augment)
+
+
+def _run_phases(model: SplitModel, x: torch.Tensor, y: torch.Tensor, phases: Iterable[Phase],
+                cfg: RunConfig, generator: torch.Generator,
+                augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None) -> LocalResult:
     optimizer = make_optimizer(model, cfg)
     model.train()
     n, min_size = len(y), min_batch_size(model)
@@ -145,6 +180,13 @@ def run_phases(
                 and phase.epochs > 1 and _head_only(model, phase.trainable)
                 and model.body_is_deterministic()):
             inputs, forward = body_features(model, x), model.head
+            if (cfg.closed_form_head and phase.penalty is None and model.task == "classification"
+                    and isinstance(model.head, nn.Linear) and supports_closed_form(model.head, optimizer)):
+                losses, done = linear_head_epochs(
+                    model.head, inputs, y, phase.epochs, optimizer,
+                    lambda: shuffled_batches(n, cfg.batch_size, generator, min_size))
+                epoch_losses, steps = epoch_losses + losses, steps + done
+                continue
         for _ in range(phase.epochs):
             total, count = 0.0, 0
             for idx in shuffled_batches(n, cfg.batch_size, generator, min_size):
@@ -164,9 +206,16 @@ def run_phases(
     return LocalResult(num_examples=n, loss=loss, steps=steps)
 
 
+def evaluate(model: SplitModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128,
+             channels_last: bool = False) -> EvalResult:
+    """Loss and top-1 accuracy on a client's local test split (official test batch size 128);
+    ``channels_last``: see :func:`memory_layout`."""
+    with memory_layout(model, x, channels_last) as x:
+        return _evaluate(model, x, y, batch_size)
+
+
 @torch.no_grad()
-def evaluate(model: SplitModel, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> EvalResult:
-    """Loss and top-1 accuracy on a client's local test split (official test batch size 128)."""
+def _evaluate(model: SplitModel, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(y), batch_size):

@@ -58,11 +58,17 @@ class SplitModel(nn.Module):
 
 def conv_stack(in_channels: int, *widths: int, kernel: int = 5) -> list[nn.Module]:
     """The convolutional front of the FedAvg-era CNNs (the paper's CNNs, CNN_FEMNIST, PFLlib's
-    FedAvgCNN): per width a valid ``kernel`` x ``kernel`` conv, ReLU and 2x2 max-pooling, then a
-    flatten. Each spatial side goes ``s -> (s - kernel + 1) // 2``."""
+    FedAvgCNN): per width a valid ``kernel`` x ``kernel`` conv, 2x2 max-pooling and ReLU, then a
+    flatten. Each spatial side goes ``s -> (s - kernel + 1) // 2``.
+
+    The official code applies ReLU before pooling (``pool(relu(conv(x)))``). Max-pooling and ReLU
+    commute exactly (``relu(max(a, b)) == max(relu(a), relu(b))`` in floats too, and the
+    gradient reaches the same element), so pooling first computes the same values and gradients
+    while the ReLU touches a quarter of the elements (7% of a training epoch here). No parameter
+    moves: the state-dict keys are the same."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, kernel), nn.ReLU(), nn.MaxPool2d(2, 2)]
+        layers += [nn.Conv2d(in_channels, width, kernel), nn.MaxPool2d(2, 2), nn.ReLU()]
         in_channels = width
     return [*layers, nn.Flatten()]
 
