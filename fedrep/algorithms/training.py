@@ -138,11 +138,19 @@ def memory_layout(model: nn.Module, x: torch.Tensor, enabled: bool) -> Iterator[
     if not uses_channels_last(model, x, enabled):
         yield x
         return
-    model.to(memory_format=torch.channels_last)
+    # Only the conv weights change layout (Module.to walks every parameter and buffer, which
+    # costs more than a one-batch update of a tiny client); ``.data`` keeps the Parameter objects.
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # ``.to(memory_format=...)``, not ``.contiguous(...)``: a one-channel tensor (a greyscale
+    # batch, the first conv's weight) counts as contiguous in both layouts, so ``.contiguous``
+    # would leave its strides, and oneDNN would pick its slow path for the whole network.
+    for weight in weights:
+        weight.data = weight.data.to(memory_format=torch.channels_last)
     try:
-        yield x.contiguous(memory_format=torch.channels_last)
+        yield x.to(memory_format=torch.channels_last)
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        for weight in weights:
+            weight.data = weight.data.to(memory_format=torch.contiguous_format)
 
 
 def run_phases(
