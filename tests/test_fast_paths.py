@@ -120,3 +120,20 @@ def test_fast_local_update_equals_plain_loop(model: str, dataset: str, channels:
     assert fit_fast.loss == pytest.approx(fit_slow.loss, rel=1e-5)
     assert ev_fast.accuracy == ev_slow.accuracy
     assert ev_fast.loss == pytest.approx(ev_slow.loss, rel=1e-5)
+
+
+def test_channels_last_really_applies_to_one_channel_images():
+    """A one-channel conv weight or batch counts as contiguous in both layouts; the layout must
+    still be forced (strides with channels innermost), or oneDNN keeps its slow path."""
+    from fedrep.algorithms.training import memory_layout
+
+    cfg = parse_run_config({"model": "cnn"})
+    net = build_model(cfg)
+    x = torch.randn(4, 1, 28, 28)
+    first_conv = net.body[0].weight
+    with memory_layout(net, x, enabled=True) as inside:
+        assert inside.stride()[1] == 1 and first_conv.stride()[1] == 1
+        assert net.body(inside).shape == (4, 64)
+    assert first_conv.stride() == (25, 25, 5, 1) and first_conv is net.body[0].weight
+    with memory_layout(net, x, enabled=False) as inside:
+        assert inside is x and first_conv.stride() == (25, 25, 5, 1)
