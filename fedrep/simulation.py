@@ -31,7 +31,7 @@ SERVER_APP, CLIENT_APP = "server.app:app", "clients.app:app"
 # Read by the clients (data location, cache, offline switch). A cluster's workers descend from its
 # raylets, not from this process, so they see these only if we pass them along.
 FORWARDED_ENV = ("FEDREP_DATA_DIR", "FEDREP_CACHE_DIR", "FEDREP_OFFLINE", "FEDREP_CLIENT_CACHE",
-                 "FEDREP_QUIET_ACTORS")
+                 "FEDREP_CLIENT_CACHE_MB", "FEDREP_QUIET_ACTORS")
 
 
 def check_component(reference: str) -> None:

@@ -8,7 +8,6 @@ no data loading after the first contact.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -19,6 +18,7 @@ import torch
 
 from fedrep.config import DATASETS, RunConfig
 from fedrep.data import fashion_mnist, partition
+from fedrep.data.client_cache import ByteBudgetCache, budget_from_env
 from fedrep.data.domains_spec import MULTI_DOMAIN, domain_layout, domain_share
 from fedrep.data.store import Split
 from fedrep.data.synthetic import client_linear_data
@@ -188,10 +188,10 @@ def _labels(labels: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(labels[idx], dtype=np.int64))
 
 
-# Per-process cache of client tensors. Simulation workers serve many partitions; with the
-# default 256 a 100-client run never reloads (about 0.5 GB of Fashion-MNIST floats per worker at
-# most). Raise FEDREP_CLIENT_CACHE for bigger federations if memory allows.
-CLIENT_CACHE_SIZE = int(os.environ.get("FEDREP_CLIENT_CACHE", "256"))
+# Per-process cache of client tensors, bounded by bytes (fedrep/data/client_cache.py): a
+# simulation worker serves many partitions, and a 100-client Fashion-MNIST run (190 MB) or
+# 1,000 one-batch clients (60 MB) then never reload. FEDREP_CLIENT_CACHE_MB sets the budget.
+CLIENT_CACHE_BUDGET = budget_from_env()
 
 
 # Target labels are withheld from training: any use of them fails loudly (cross-entropy rejects
@@ -225,8 +225,7 @@ def _domain_data(key: DataKey, client: int) -> ClientData:
     return ClientData(x_train, y_train, x_test, y_test)
 
 
-@lru_cache(maxsize=CLIENT_CACHE_SIZE)
-def _client_data(key: DataKey, client: int) -> ClientData:
+def _load_client_data(key: DataKey, client: int) -> ClientData:
     if key.dataset in MULTI_DOMAIN:
         return _domain_data(key, client)
     if key.dataset == "linear-synthetic":
@@ -291,8 +290,11 @@ def load_client_data(cfg: RunConfig, client: int, device: str = "cpu") -> Client
     return _on_device(DataKey.of(cfg), client, device)
 
 
-@lru_cache(maxsize=CLIENT_CACHE_SIZE)
-def _on_device(key: DataKey, client: int, device: str) -> ClientData:
+def _load_on_device(key: DataKey, client: int, device: str) -> ClientData:
     data = _client_data(key, client)
     return replace(data, **{name: getattr(data, name).to(device)
                             for name in ("x_train", "y_train", "x_test", "y_test")})
+
+
+_client_data: ByteBudgetCache[ClientData] = ByteBudgetCache(_load_client_data, *CLIENT_CACHE_BUDGET)
+_on_device: ByteBudgetCache[ClientData] = ByteBudgetCache(_load_on_device, *CLIENT_CACHE_BUDGET)
