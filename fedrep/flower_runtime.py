@@ -1,9 +1,12 @@
 """Every use of Flower's *internals* (anything outside its public API), in one module.
 
-Two things fedrep needs are not public in Flower 1.41: starting the Simulation Runtime in this
+Three things fedrep needs are not public in Flower 1.41: starting the Simulation Runtime in this
 process with our own Ray and run object (:func:`run_simulation`, which wires
-``flwr.simulation.run_simulation._run_simulation``), and a faster hand-off of messages to the
-simulated nodes (below). :func:`internals_problems` checks, before a simulation starts, that the
+``flwr.simulation.run_simulation._run_simulation``), a faster hand-off of messages to the
+simulated nodes (below), and which simulated node holds which partition
+(:func:`simulated_partitions`: the ServerApp runs in this process and would otherwise send every
+node a query message in round 1, 100,000 Ray calls in a 100,000-client federation).
+:func:`internals_problems` checks, before a simulation starts, that the
 installed Flower still has every internal these rely on; a mismatch is one loud warning line
 (the fast dispatch is then off, and says so) rather than a silent fallback, and
 ``tests/test_flower_runtime.py`` fails on it, so an upgrade cannot lose the speed-up unnoticed.
@@ -27,12 +30,14 @@ with ``FEDREP_DISPATCH=flower`` in the environment (to compare, or to rule this 
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from pathlib import Path
 from queue import Queue
+from types import MappingProxyType
 from typing import Any
 
 from flwr.app import Message
@@ -44,6 +49,8 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 ENV_VAR = "FEDREP_DISPATCH"
 TICK_S = 0.1  # Flower's interval; a phase's messages leave within one tick of being sent
 _STOCK: Callable[..., None] = vce_api.add_messages_to_queue
+_STOCK_REGISTER: Callable[..., dict[int, int]] | None = getattr(vce_api, "_register_nodes", None)
+_simulated_nodes: dict[int, int] = {}  # node id -> partition id of the newest simulation here
 _INTERNALS = ("lock", "message_ins_store", "_check_stored_messages")
 
 
@@ -84,6 +91,24 @@ def add_messages_to_queue(state: Any, queue: Queue[Message], nodes_mapping: dict
         f_stop.wait(TICK_S)
 
 
+def _register_nodes(num_nodes: int, state_factory: Any) -> dict[int, int]:
+    """Flower's ``vce_api._register_nodes``, which also gives the mapping it builds (node id ->
+    partition id, the ``partition-id`` each node's ``node_config`` gets) to
+    :func:`simulated_partitions`."""
+    assert _STOCK_REGISTER is not None
+    mapping = _STOCK_REGISTER(num_nodes, state_factory)
+    _simulated_nodes.clear()
+    _simulated_nodes.update(mapping)
+    return mapping
+
+
+def simulated_partitions() -> Mapping[int, int]:
+    """Node id -> partition id of the simulated nodes of the newest simulation started in this
+    process (empty in a deployment, or when Flower's internals changed): the answer a ``query``
+    message would get from each of them, without the message. A read-only view, not a copy."""
+    return MappingProxyType(_simulated_nodes)
+
+
 def install() -> str:
     """Make the Simulation Runtime started after this call use the dispatcher that
     ``FEDREP_DISPATCH`` names (``fast``, the default, or ``flower``); the name used. When the
@@ -100,6 +125,13 @@ def install() -> str:
               "will be slower. Install flwr 1.41.* or report this.", file=sys.stderr, flush=True)
         choice = "flower"
     vce_api.add_messages_to_queue = add_messages_to_queue if choice == "fast" else _STOCK
+    if _STOCK_REGISTER is not None and list(inspect.signature(_STOCK_REGISTER).parameters) == [
+            "num_nodes", "state_factory"]:
+        vce_api._register_nodes = _register_nodes
+    else:
+        print(f"fedrep: warning: the installed Flower {flwr_version()} has no vce_api._register_nodes"
+              "(num_nodes, state_factory); the server will ask every simulated node its partition "
+              "in round 1 (slower for big federations)", file=sys.stderr, flush=True)
     return choice
 
 
@@ -128,7 +160,6 @@ RUN_SIMULATION_PARAMETERS = ("num_supernodes", "exit_event", "server_app_attr", 
 def internals_problems() -> list[str]:
     """What the installed Flower lacks of the internals this module uses; [] when all is there."""
     import importlib
-    import inspect
 
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity

@@ -22,7 +22,7 @@ from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACC
 from fedrep.algorithms.privacy import update_norm
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
-from fedrep.flower_runtime import pull_interval
+from fedrep.flower_runtime import pull_interval, simulated_partitions
 from fedrep.interrupts import IN_PROCESS
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
@@ -122,8 +122,9 @@ class AuditingGrid:
                     if PARTITION_ID in metrics:
                         row["partition"] = int(metrics[PARTITION_ID])
                         self.partition_of[row["node"]] = row["partition"]
-            elif row["node"] in self.partition_of:
-                row["partition"] = self.partition_of[row["node"]]
+            elif (partition := self.partition_of.get(row["node"],
+                                                      simulated_partitions().get(row["node"]))) is not None:
+                row["partition"] = partition
             self.rows.append(row)
         self._stop_on_run_folder_failure(self.rows[first_new:])
         return replies

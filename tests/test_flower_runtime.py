@@ -153,3 +153,21 @@ def test_a_mismatch_is_one_loud_line_and_flowers_dispatch(monkeypatch: pytest.Mo
         vce_api.add_messages_to_queue = before
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no longer matches" in line and "_run_simulation lacks parameters" in line
+
+
+def test_node_partitions_come_from_the_simulation_runtime(monkeypatch):
+    """Installed, Flower's node registration also publishes its node -> partition mapping, the
+    one each node's ``partition-id`` comes from, so the server needs no query per node."""
+    original = vce_api._register_nodes
+    try:
+        monkeypatch.delenv(fast_dispatch.ENV_VAR, raising=False)
+        fast_dispatch.install()
+        assert vce_api._register_nodes is fast_dispatch._register_nodes
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        mapping = vce_api._register_nodes(num_nodes=5, state_factory=factory)
+        assert sorted(mapping.values()) == list(range(5))
+        assert dict(fast_dispatch.simulated_partitions()) == mapping
+        with pytest.raises(TypeError):
+            fast_dispatch.simulated_partitions()[1] = 2  # a read-only view
+    finally:
+        vce_api._register_nodes = original

@@ -52,13 +52,14 @@ def test_accuracy_rises_above_chance(fedrep_run: RunDir):
 
 def test_head_never_leaves_client(fedrep_run: RunDir):
     """Every message the server received: train replies carry exactly the representation,
-    evaluation and query replies carry no arrays at all."""
+    evaluation replies carry no arrays at all. A simulation sends no query messages: the server
+    reads each node's partition id from the Simulation Runtime."""
     cfg = fedrep_run.saved_config()
     model = build_model(cfg)
     body = {f"arrays/{k}" for k in model.representation_keys()}
     audit = fedrep_run.read_audit()
     kinds = {row["kind"] for row in audit}
-    assert {"train", "evaluate", "query"} <= kinds
+    assert kinds == {"train", "evaluate"}
     for row in audit:
         assert row["error"] is None
         assert not any("head" in name for name in row["arrays"]), row

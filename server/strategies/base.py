@@ -9,7 +9,9 @@ stock ``FedAvg``:
   the same clients (stock sampling uses the global ``random`` module and node ids, which are
   random per run);
 * it learns each node's partition id with one ``query`` message the first time it sees the node,
-  so nodes that join later (deployment) are picked up;
+  so nodes that join later (deployment) are picked up; in a simulation it reads the ids from the
+  Simulation Runtime instead (one Ray call per node saved, which is what made round 1 of a big
+  federation slow);
 * evaluation reports the unweighted mean of local accuracies with its spread, and the paper's
   test-size-weighted mean, instead of a train-sample-weighted average;
 * it keeps a membership log (``events``): which partition's node was lost and when, and, when
@@ -41,6 +43,7 @@ from fedrep.algorithms.aggregate import summarize, weighted_average
 from fedrep.algorithms.attacks import attackers
 from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
+from fedrep.flower_runtime import simulated_partitions
 from fedrep.protocol import (
     ACCURACY,
     ARRAYS,
@@ -86,6 +89,7 @@ class Federation(RoundProgram):
         self.options = options
         self.query_timeout = query_timeout
         self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self._node_of: dict[int, int] = {}  # partition id -> the node that last claimed it
         self.last_failures: list[tuple[int, str]] = []
         self.events: list[dict[str, object]] = []  # drained by the round loop into events.jsonl
         self.lost: dict[int, int] = {}  # partition id -> round it was lost in
@@ -134,6 +138,13 @@ class Federation(RoundProgram):
 
     def _query_new(self, grid: Grid, connected: set[int]) -> None:
         new = sorted(connected - set(self.partition_of))
+        simulated = simulated_partitions()  # {} outside a simulation in this process
+        if simulated:
+            known = [node for node in new if node in simulated]
+            for node in known:  # what the query would answer, without a message per node
+                self._register(node, MetricRecord({PARTITION_ID: simulated[node],
+                                                   NODE_NUM_PARTITIONS: len(simulated)}))
+            new = [node for node in new if node not in simulated]
         if new:
             question = RecordDict({CONFIG: ConfigRecord({QUERY_ASK: PARTITION_ID})})
             msgs = [Message(question, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
@@ -154,10 +165,11 @@ class Federation(RoundProgram):
             )
         if not 0 <= pid < self.cfg.num_clients:
             raise RuntimeError(f"node {node} claims partition-id {pid}, outside 0..{partitions - 1}")
-        owner = next((n for n, p in self.partition_of.items() if p == pid), None)
-        if owner is not None and owner != node:
+        owner = self._node_of.get(pid)
+        if owner is not None and owner != node and self.partition_of.get(owner) == pid:
             raise RuntimeError(f"nodes {owner} and {node} both claim partition-id {pid}")
         self.partition_of[node] = pid
+        self._node_of[pid] = node
 
     # -- membership log --------------------------------------------------------------------------
     def _event(self, kind: str, **info: object) -> None:
