@@ -166,6 +166,13 @@ class CoreKeys(KeySection):
     wait_for_clients: float = Field(
         120.0, ge=0, description="Seconds the server waits for all num-clients nodes to connect."
     )
+    reply_timeout: float = Field(
+        3600.0, gt=0, description="Seconds a round waits for its replies. A client that has not "
+        "answered by then counts as failed for that round (node-lost in events.jsonl) and the round "
+        "goes on. In a deployment a SuperNode that restarts mid-round, before the SuperLink has "
+        "marked it offline, never answers the message it had (Flower 1.41): lower this to a few "
+        "times a round's training time to bound that wait.",
+    )
     on_damaged_head: Literal["stop", "restart"] = Field(
         "stop",
         description="A client whose saved head (client-state file) cannot be read: 'stop' the run "

@@ -54,7 +54,7 @@ CLIENT_STATE = "client-state"
 # they change float rounding.)
 ONBOARDED = "onboarded.jsonl"
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
-                     "client-gpus", "data-dir", "wait-for-clients", "final-finetune-epochs",
+                     "client-gpus", "data-dir", "wait-for-clients", "reply-timeout", "final-finetune-epochs",
                      "on-damaged-head", "tracking", "onboard", "dp-epsilon-budget"}
 # What torch.load raises on a truncated, overwritten or foreign file.
 LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,

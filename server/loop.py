@@ -10,11 +10,14 @@ import math
 import sys
 import time
 from collections.abc import Iterable
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType
+from flwr.app import ConfigRecord, Error, Message, MessageType
+from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedrep import runlock
@@ -87,7 +90,20 @@ class AuditingGrid:
                 break
             IN_PROCESS.check(f"in round {self.server_round}")
             time.sleep(interval)
+        if waiting and timeout is not None:
+            replies += self._missing_replies(messages, waiting, timeout)
         return replies
+
+    def _missing_replies(self, messages: list[Message], waiting: set[str], timeout: float) -> list[Message]:
+        """Error replies standing in for the messages nobody answered within ``timeout`` s, so
+        that the round counts those clients as failed (and lost) like any other failure."""
+        sent = {m.metadata.message_id: m for m in messages}
+        reason = (f"no reply within reply-timeout={timeout:g}s (the node may have restarted mid-round; "
+                  "Flower 1.41 does not resend a message a restarted SuperNode had taken)")
+        log(WARNING, "round %d: %d of %d clients did not reply within reply-timeout=%gs; the round goes on "
+                     "without them", self.server_round, len(waiting), len(messages), timeout)
+        return [Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason), reply_to=sent[mid])
+                for mid in sorted(waiting) if mid in sent]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
@@ -323,10 +339,13 @@ def _event_lines(events: list[dict[str, Any]], per_kind: int = 5) -> list[str]:
     return lines
 
 
-def run_federation(grid: Grid, cfg: RunConfig, timeout: float = 3600.0) -> RunDir:
+def run_federation(grid: Grid, cfg: RunConfig, timeout: float | None = None) -> RunDir:
+    """Run (or resume) the federation; each round waits up to ``timeout`` s (default: the run's
+    ``reply-timeout``) for its replies."""
     IN_PROCESS.begin()
     try:
         run, cfg, last = _open_run(cfg)
+        timeout = cfg.reply_timeout if timeout is None else timeout
         try:
             if cfg.onboard:
                 return _onboard(grid, cfg, run, last, timeout)

@@ -240,6 +240,22 @@ def test_a_client_that_fails_shows_on_the_progress_line_and_in_events(tmp_path: 
     assert all(row["client-failures"] >= 1 for row in RunDir(run).read_metrics())
 
 
+def test_a_client_that_never_answers_counts_as_failed_after_reply_timeout(tmp_path: Path):
+    """Partition 1 takes 45 s over its round-2 training; with reply-timeout=15 the round goes on
+    without it (a failure, node-lost in events.jsonl, with the reason), and in round 3 it is back."""
+    run = tmp_path / "hanging"
+    proc = fedrep_cli("run", *LINEAR, "--rounds", "3", "--set", "fraction-train=1.0",
+                      "--set", f"run-dir={run}", "--set", "reply-timeout=15",
+                      "--client-app", "failing_clientapp:hanging_app", cwd=Path(__file__).parent)
+    rows = RunDir(run).read_metrics()
+    assert [(r["train-clients"], r["train-failures"]) for r in rows] == [(4, 0), (3, 1), (4, 0)], rows
+    lost = [e for e in RunDir(run).read_events() if e["event"] == "node-lost"]
+    assert [(e["round"], e["partition"]) for e in lost] == [(2, 1)], lost
+    assert "no reply within reply-timeout=15s" in lost[0]["reason"]
+    assert "did not reply within reply-timeout=15s" in proc.stderr
+    assert 15 <= rows[1]["round-seconds"] < 40
+
+
 @pytest.mark.parametrize("shadow", ["clients.py", "clients/__init__.py"])
 def test_a_clients_module_in_the_working_directory_does_not_shadow_the_app(tmp_path: Path, shadow: str):
     work = tmp_path / "work"
