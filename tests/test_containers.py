@@ -40,9 +40,12 @@ default_ulimits = []
 cgroup_manager = "cgroupfs"
 runtime = "runc"
 """
+# reply-timeout: a SuperNode killed and restarted mid-round, before the SuperLink has marked it
+# offline, never answers the message it had taken (Flower 1.41 does not resend it); without a
+# bound the round waits the default hour (the failure once seen here, deploy/README.md).
 SETTINGS = {"num-clients": NODES, "num-rounds": ROUNDS, "max-train-per-client": 120,
             "max-test-per-client": 60, "head-epochs": 2, "fraction-train": 1.0, "fraction-evaluate": 1.0,
-            "eval-every": ROUNDS, "final-finetune-epochs": 1, "wait-for-clients": 60}
+            "eval-every": ROUNDS, "final-finetune-epochs": 1, "wait-for-clients": 60, "reply-timeout": 120}
 
 
 def engine_unavailable(env: dict[str, str]) -> str | None:
