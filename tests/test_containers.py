@@ -4,8 +4,9 @@ with TLS and SuperNode authentication, FedRep submitted with `fedrep run --engin
 during the run a SuperNode, the SuperLink and the ServerApp's executor killed and started again.
 
 One test, one scenario: the containers hold a port and a compose project, so the phases cannot
-be spread over pytest-xdist workers. Opt-in (``FEDREP_CONTAINERS_E2E=1``) until the failure seen
-under heavy load is understood; skipped, with the reason, where no container engine works.
+be spread over pytest-xdist workers. Skipped, with the reason, where no container engine works or
+no package mirror can be reached, and with ``FEDREP_CONTAINERS_E2E=0``. (The hang once seen here
+under load was a SuperNode restarted mid-round losing its message; ``reply-timeout`` bounds it.)
 The phases' timings are printed (pytest -s) and are the ones in deploy/README.md."""
 
 from __future__ import annotations
@@ -143,10 +144,8 @@ def _refused(stack: Stack, creds: Path, drop_ca: bool) -> str:
 
 def test_compose_deployment_in_containers_survives_a_node_the_superlink_and_the_executor(
         tmp_path: Path):
-    if os.environ.get("FEDREP_CONTAINERS_E2E") != "1":
-        pytest.skip("containers e2e is opt-in (FEDREP_CONTAINERS_E2E=1; about 15 minutes): it passed "
-                    "here once and failed once under heavy load (the SuperLink became unreachable "
-                    "after a SuperNode container restart; deploy/README.md, 'Known issue')")
+    if os.environ.get("FEDREP_CONTAINERS_E2E") == "0":
+        pytest.skip("containers e2e turned off (FEDREP_CONTAINERS_E2E=0)")
     root = tmp_path
     (root / "containers.conf").write_text(CONTAINERS_CONF)
     env = {**os.environ, "CONTAINERS_CONF": str(root / "containers.conf"), "FLWR_VERSION": FLWR_VERSION,
