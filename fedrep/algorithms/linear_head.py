@@ -5,7 +5,8 @@ FedRep's tau_h head epochs train a single ``nn.Linear`` on features the frozen b
 product, so autograd's graph building, the optimiser's per-parameter bookkeeping and
 ``zero_grad`` cost more than the arithmetic: writing the gradient of cross-entropy by hand
 (softmax minus one-hot, over the batch) and PyTorch's SGD update (weight decay, momentum buffer,
-step) in place makes the head phase about 2.7x faster on this CPU (issue 23).
+step) in place makes the head phase about 2.5x faster on this CPU (issue 23,
+``python -m bench.local_update``).
 
 It is the same arithmetic as ``loss.backward(); optimizer.step()`` up to float reassociation:
 same batches from the same generator, the optimiser's own hyper-parameters, and its momentum

@@ -39,7 +39,7 @@ class LocalUpdateKeys(KeySection):
         True,
         description="With cached features, train a linear classification head by its hand-written "
         "gradient and PyTorch's SGD update instead of autograd (same arithmetic up to float "
-        "reassociation, about 2.7x faster head epochs); false = the autograd loop.",
+        "reassociation, about 2.5x faster head epochs); false = the autograd loop.",
     )
     channels_last: bool = Field(
         True,
