@@ -28,6 +28,9 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 # --- config record keys (server -> client) -----------------------------------------------------------
 QUERY_ASK = "ask"  # query: what the server asks (the PARTITION_ID)
 SERVER_ROUND = "server-round"  # 1-based round the message belongs to
+# How the server's stand-in error reply for an unanswered message begins (server/loop.py): a query
+# left unanswered is asked again later, a round's message counts as that client's failure.
+NO_REPLY = "no reply within"
 RUN_DIR = "run-dir"  # the run folder (clients keep their head files under it)
 FINETUNE_EPOCHS = "finetune-epochs"  # evaluate: fine-tune this many epochs first (last round, new clients)
 NODE_ROLE = "node-role"  # a deployed node's declared role, added by the ClientApp from its node config

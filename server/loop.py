@@ -35,6 +35,7 @@ from fedrep.protocol import (
     FINETUNE_EPOCHS,
     FINETUNED,
     METRICS,
+    NO_REPLY,
     PARTITION_ID,
     RUN_DIR,
     Restored,
@@ -98,10 +99,10 @@ class AuditingGrid:
         """Error replies standing in for the messages nobody answered within ``timeout`` s, so
         that the round counts those clients as failed (and lost) like any other failure."""
         sent = {m.metadata.message_id: m for m in messages}
-        reason = (f"no reply within reply-timeout={timeout:g}s (the node may have restarted mid-round; "
-                  "Flower 1.41 does not resend a message a restarted SuperNode had taken)")
-        log(WARNING, "round %d: %d of %d clients did not reply within reply-timeout=%gs; the round goes on "
-                     "without them", self.server_round, len(waiting), len(messages), timeout)
+        reason = (f"{NO_REPLY} {timeout:g}s (a node restarted mid-round never answers the message it "
+                  "had: Flower 1.41 does not resend it; reply-timeout bounds the wait)")
+        log(WARNING, "round %d: %d of %d clients did not reply within %gs; going on without them",
+            self.server_round, len(waiting), len(messages), timeout)
         return [Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason), reply_to=sent[mid])
                 for mid in sorted(waiting) if mid in sent]
 

@@ -251,8 +251,8 @@ def test_a_client_that_never_answers_counts_as_failed_after_reply_timeout(tmp_pa
     assert [(r["train-clients"], r["train-failures"]) for r in rows] == [(4, 0), (3, 1), (4, 0)], rows
     lost = [e for e in RunDir(run).read_events() if e["event"] == "node-lost"]
     assert [(e["round"], e["partition"]) for e in lost] == [(2, 1)], lost
-    assert "no reply within reply-timeout=15s" in lost[0]["reason"]
-    assert "did not reply within reply-timeout=15s" in proc.stderr
+    assert lost[0]["reason"].startswith("no reply within 15s") and "reply-timeout" in lost[0]["reason"]
+    assert "did not reply within 15s; going on without them" in proc.stderr
     assert 15 <= rows[1]["round-seconds"] < 40
 
 

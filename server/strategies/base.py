@@ -52,6 +52,7 @@ from fedrep.protocol import (
     FINETUNED,
     LOSS,
     METRICS,
+    NO_REPLY,
     NODE_NUM_PARTITIONS,
     NUM_EXAMPLES,
     ONBOARD_ACTION,
@@ -150,6 +151,8 @@ class Federation(RoundProgram):
             msgs = [Message(question, dst_node_id=node, message_type=MessageType.QUERY) for node in new]
             for reply in grid.send_and_receive(msgs, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
+                if reply.has_error() and reply.error.reason.startswith(NO_REPLY):
+                    continue  # not answered yet: asked again at the next discovery
                 if reply.has_error():
                     raise RuntimeError(f"node {node} failed to start: {reply.error.reason}")
                 self._register(node, reply.content[METRICS])
