@@ -76,9 +76,10 @@ class AuditingGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
+    def _exchange(self, messages: list[Message], timeout: float | None) -> tuple[list[Message], set[str]]:
         """Flower's ``send_and_receive`` (push, then pull until every reply is in or the timeout
-        passes), written out so that an in-process stop request ends the wait."""
+        passes), written out so that an in-process stop request ends the wait. Returns the
+        replies and the ids of the messages still unanswered."""
         waiting = set(self._grid.push_messages(messages))
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
@@ -91,35 +92,35 @@ class AuditingGrid:
                 break
             IN_PROCESS.check(f"in round {self.server_round}")
             time.sleep(interval)
-        if waiting and timeout is not None:
-            replies += self._missing_replies(messages, waiting, timeout)
-        return replies
+        return replies, waiting
 
-    def _missing_replies(self, messages: list[Message], waiting: set[str], timeout: float) -> list[Message]:
+    def _missing_replies(self, sent_of: dict[str, Message], waiting: set[str],
+                         timeout: float) -> list[Message]:
         """Error replies standing in for the messages nobody answered within ``timeout`` s, so
         that the round counts those clients as failed (and lost) like any other failure."""
-        sent = {m.metadata.message_id: m for m in messages}
         reason = (f"{NO_REPLY} {timeout:g}s (a node restarted mid-round never answers the message it "
                   "had: Flower 1.41 does not resend it; reply-timeout bounds the wait)")
         log(WARNING, "round %d: %d of %d clients did not reply within %gs; going on without them",
-            self.server_round, len(waiting), len(messages), timeout)
-        return [Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason), reply_to=sent[mid])
-                for mid in sorted(waiting) if mid in sent]
+            self.server_round, len(waiting), len(sent_of), timeout)
+        return [Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason), reply_to=sent_of[mid])
+                for mid in sorted(waiting) if mid in sent_of]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
-        replies = self._exchange(messages, timeout)
-        first_new = len(self.rows)
+        replies, waiting = self._exchange(messages, timeout)
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
-        dst_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         sent_of = {m.metadata.message_id: m for m in messages}
+        if waiting and timeout is not None:
+            replies += self._missing_replies(sent_of, waiting, timeout)
+        first_new = len(self.rows)
         for reply in replies:
+            asked = sent_of.get(reply.metadata.reply_to_message_id)
             row: dict[str, Any] = {
                 "round": self.server_round,
                 "kind": reply.metadata.message_type,
-                "node": dst_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
+                "node": asked.metadata.dst_node_id if asked is not None else reply.metadata.src_node_id,
                 "error": reply.error.reason if reply.has_error() else None,
                 "arrays": [],
                 "bytes": 0,
@@ -128,7 +129,6 @@ class AuditingGrid:
                 for name, record in reply.content.array_records.items():
                     row["arrays"] += [f"{name}/{key}" for key in record]
                     row["bytes"] += record.count_bytes()
-                asked = sent_of.get(reply.metadata.reply_to_message_id)
                 if (self.update_norms and asked is not None
                         and reply.metadata.message_type == MessageType.TRAIN):
                     row["update-norm"] = update_norm(from_record(asked.content[ARRAYS]),
