@@ -51,6 +51,7 @@ from fedrep.protocol import (
     ActionResult,
     Restored,
 )
+from fedrep.records import from_record_torch, to_record
 from fedrep.registry import client_actions, get_strategy
 from fedrep.results import HeadFileDamaged, run_folder_failure
 
@@ -129,6 +130,22 @@ class Job:
         return round_generator(self.cfg.seed, self.server_round, self.partition, purpose)
 
 
+_decoded: list[tuple[ArrayRecord, dict[str, torch.Tensor]]] = []  # the newest decoded shared part
+
+
+def _shared_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of the shared part a message carries, decoded once per record *object*: the
+    messages of one simulated actor call that carry the same round model arrive as one object
+    (pickled once), so a call of 32 messages decodes it once, not 32 times. The record is kept
+    with its tensors, so its identity cannot be reused while cached; callers only read them
+    (``load_state_dict`` copies)."""
+    if _decoded and _decoded[0][0] is record:
+        return _decoded[0][1]
+    tensors = from_record_torch(record)
+    _decoded[:] = [(record, tensors)]
+    return tensors
+
+
 def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     """Load shared (from the message) + personal (from my state) parameters into the model.
 
@@ -139,7 +156,7 @@ def _prepare(msg: Message, context: Context, after_training: bool) -> Job:
     server_round = int(msg.content[CONFIG][SERVER_ROUND])
     run_dir = str(msg.content[CONFIG][RUN_DIR])
     newest_allowed = server_round + 1 if after_training else server_round
-    shared = msg.content[ARRAYS].to_torch_state_dict()
+    shared = _shared_arrays(msg.content[ARRAYS])
     expected = rule.shared_keys(model)
     if list(shared) != expected:
         raise RuntimeError(f"server sent {list(shared)[:3]}..., strategy {cfg.strategy} shares "
@@ -189,7 +206,7 @@ def _privatize(job: Job, sent: ArrayRecord, trained: dict[str, torch.Tensor]) ->
     """What leaves the client under DP: its update of the shared part clipped to dp-clip-norm
     (central DP, dp-clipping='client'), and noised with its own stream (local DP)."""
     cfg = job.cfg
-    base = {k: v.numpy() for k, v in sent.to_torch_state_dict().items()}
+    base = {k: v.numpy() for k, v in _shared_arrays(sent).items()}
     mine = {k: v.detach().cpu().numpy() for k, v in trained.items()}
     if cfg.dp == "local":
         rng = noise_generator(cfg.seed, cfg.dp_noise_source, job.server_round, CLIENT_NOISE + job.partition)
@@ -214,9 +231,9 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp == "local" or (cfg.dp == "central" and cfg.dp_clipping == "client"):
         shared_state = _privatize(job, msg.content[ARRAYS], shared_state)
     if attacking and cfg.attack in ("sign-flip", "scale"):  # an attacker sends what it likes: no DP
-        shared_state = poison_update(msg.content[ARRAYS].to_torch_state_dict(), shared_state, cfg.attack,
+        shared_state = poison_update(_shared_arrays(msg.content[ARRAYS]), shared_state, cfg.attack,
                                      cfg.attack_scale)
-    shared = ArrayRecord(shared_state)
+    shared = to_record(shared_state)
     metrics = MetricRecord({
         NUM_EXAMPLES: result.num_examples,
         TRAIN_LOSS: result.loss,
@@ -255,7 +272,7 @@ def _action_handler(action: str):
 
     def handle(msg: Message, context: Context) -> Message:
         job = _prepare(msg, context, after_training=False)
-        inputs = {name: record.to_torch_state_dict() for name, record in msg.content.array_records.items()
+        inputs = {name: from_record_torch(record) for name, record in msg.content.array_records.items()
                   if name != ARRAYS}
         config = dict(msg.content[CONFIG])
         if NODE_DECLARED_ROLE in context.node_config:  # a deployed node may declare its role
@@ -270,9 +287,9 @@ def _action_handler(action: str):
                                 PERSONAL_RESTORED: int(Restored.of_source(job.restored))})
         content = RecordDict({METRICS: metrics})
         if result.arrays:
-            content[ARRAYS] = ArrayRecord(result.arrays)
+            content[ARRAYS] = to_record(result.arrays)
         for name, state in result.extra.items():
-            content[name] = ArrayRecord(state)
+            content[name] = to_record(state)
         return Message(content, reply_to=msg)
 
     handle.__name__ = f"train_{action}"  # actions are identifiers (the registry checks)

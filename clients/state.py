@@ -22,9 +22,10 @@ import hashlib
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 
 from fedrep.files import atomic_write, torch_bytes
+from fedrep.records import from_record_torch, to_record
 from fedrep.results import (
     CLIENT_STATE,
     KEEP_HEAD_VERSIONS,
@@ -56,7 +57,7 @@ def load_personal(context: Context, run_dir: str, partition: int, server_round: 
     save replaces the file."""
     meta = context.state.config_records.get(META_RECORD)
     if meta is not None and int(meta["round"]) < server_round and HEAD_RECORD in context.state:
-        return dict(context.state.array_records[HEAD_RECORD].to_torch_state_dict()), "node-state"
+        return from_record_torch(context.state.array_records[HEAD_RECORD]), "node-state"
     path = client_state_file(state_root(context, run_dir), partition)
     try:
         versions = read_head_versions(path)
@@ -91,7 +92,7 @@ def save_personal(context: Context, run_dir: str, partition: int, server_round: 
                   params: Params) -> None:
     params = {k: v.detach().clone() for k, v in params.items()}
     if keeps_node_state(context):
-        context.state.array_records[HEAD_RECORD] = ArrayRecord(params)
+        context.state.array_records[HEAD_RECORD] = to_record(params)
         context.state.config_records[META_RECORD] = ConfigRecord({"round": server_round})
     path = client_state_file(state_root(context, run_dir), partition)
     try:

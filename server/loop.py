@@ -41,6 +41,7 @@ from fedrep.protocol import (
     Restored,
     restored_of,
 )
+from fedrep.records import from_record, to_record
 from fedrep.registry import get_strategy
 from fedrep.results import (
     ONBOARDED,
@@ -53,7 +54,6 @@ from fedrep.results import (
 from fedrep.round_program import RoundProgram
 from fedrep.tracking import Trackers, trackers_from
 from server.privacy import PrivacyBudgetReached
-from server.records import from_record, to_record
 from server.strategies.base import SharedAveraging
 
 

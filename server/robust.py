@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Bulyan, FedMedian, FedTrimmedAvg, Krum, Mult
 
 from fedrep.config import RunConfig
 from fedrep.protocol import ARRAYS, METRICS, NUM_EXAMPLES
-from server.records import to_record
+from fedrep.records import to_record
 
 
 def flower_aggregator(cfg: RunConfig, replies: int) -> Strategy:

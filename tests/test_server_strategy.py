@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 
 from fedrep.config import parse_run_config
-from server.records import from_record, to_record
+from fedrep.records import from_record, to_record
 from server.strategies.base import SharedAveraging
 
 

@@ -63,9 +63,9 @@ from fedrep.protocol import (
     Restored,
     restored_of,
 )
+from fedrep.records import from_record, to_record
 from fedrep.round_program import EvalOutcome, RoundProgram, TrainOutcome
 from server.privacy import PrivacyLedger
-from server.records import from_record, to_record
 
 # Error codes meaning "the node (or its ClientApp process) is gone", not "the client code failed".
 NODE_GONE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED)

@@ -50,8 +50,8 @@ from fedrep.protocol import (
     source_record,
     teacher_bn_record,
 )
+from fedrep.records import from_record, to_record
 from fedrep.round_program import TrainOutcome
-from server.records import from_record, to_record
 from server.strategies.base import Federation
 
 

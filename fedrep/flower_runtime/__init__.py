@@ -42,9 +42,12 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+from fedrep.flower_runtime import batching
 
 ENV_VAR = "FEDREP_DISPATCH"
 TICK_S = 0.1  # Flower's interval; a phase's messages leave within one tick of being sent
@@ -125,6 +128,10 @@ def install() -> str:
               "will be slower. Install flwr 1.41.* or report this.", file=sys.stderr, flush=True)
         choice = "flower"
     vce_api.add_messages_to_queue = add_messages_to_queue if choice == "fast" else _STOCK
+    if choice == "fast":
+        batching.max_batch_from_env()  # a bad FEDREP_RAY_BATCH fails here, before Ray starts
+    vce_api.worker = batching.worker if choice == "fast" else batching.STOCK_WORKER
+    raybackend.RayBackend = batching.BatchedRayBackend if choice == "fast" else batching.STOCK_BACKEND
     if _STOCK_REGISTER is not None and list(inspect.signature(_STOCK_REGISTER).parameters) == [
             "num_nodes", "state_factory"]:
         vce_api._register_nodes = _register_nodes
@@ -185,6 +192,14 @@ def internals_problems() -> list[str]:
     if not hasattr(Run, "create_empty") or not all(a in vars(type(TaskIdentity)) or a in vars(TaskIdentity)
                                                   for a in ("task_id", "run_id", "node_id")):
         problems.append("Run.create_empty or TaskIdentity changed")
+    if list(inspect.signature(batching.STOCK_WORKER).parameters) != [
+            "messageins_queue", "messageres_queue", "node_info_store", "backend", "f_stop", "metrics"]:
+        problems.append("vce_api.worker(messageins_queue, messageres_queue, node_info_store, backend, "
+                        "f_stop, metrics) changed")
+    backend_source = inspect.getsource(batching.STOCK_BACKEND.__init__)
+    if "self.client_resources " not in backend_source or "from .backend.raybackend import RayBackend" \
+            not in inspect.getsource(vce_api.start_vce):
+        problems.append("RayBackend.client_resources, or start_vce's RayBackend import, changed")
     return problems
 
 

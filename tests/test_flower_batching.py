@@ -1,0 +1,112 @@
+"""Several messages per Ray actor call (fedrep.flower_runtime.batching): the same results as one
+message a call, a client's failure stays its own, and the rules that size a call."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common.constant import ErrorCode
+
+from conftest import fedrep_cli
+from fedrep.flower_runtime.batching import (
+    ENV_VAR,
+    BatchedRayBackend,
+    batch_limit,
+    max_batch_from_env,
+    run_jobs,
+    take_batch,
+)
+from fedrep.results import RunDir, client_error_text
+
+
+def _message(node: int, tag: str) -> SimpleNamespace:
+    """What take_batch reads of a Message: its destination node."""
+    return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node), tag=tag)
+
+
+def test_take_batch_takes_distinct_nodes_and_gives_back_a_repeat():
+    waiting: Queue = Queue()
+    for node, tag in [(2, "b"), (3, "c"), (1, "d"), (4, "e")]:
+        waiting.put(_message(node, tag))
+    batch, held = take_batch(_message(1, "a"), waiting, limit=10)
+    assert [m.tag for m in batch] == ["a", "b", "c"] and held.tag == "d"  # node 1 again: next call's
+    assert [m.tag for m in take_batch(held, waiting, limit=10)[0]] == ["d", "e"]
+    waiting.put(_message(5, "f"))
+    waiting.put(_message(6, "g"))
+    batch, held = take_batch(_message(7, "h"), waiting, limit=2)
+    assert [m.tag for m in batch] == ["h", "f"] and held is None and waiting.qsize() == 1
+
+
+def test_batch_limit_shrinks_with_the_queue():
+    # 4 call slots: a call takes a quarter of an even share of what waits, between 1 and the cap
+    assert [batch_limit(w, 4, 32) for w in (1, 16, 17, 100, 1000, 2000)] == [1, 1, 2, 7, 32, 32]
+    assert batch_limit(1000, 4, 1) == 1 and batch_limit(1000, 0, 32) == 32
+
+
+def test_the_cap_comes_from_the_environment_with_a_clear_error(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert max_batch_from_env() == 32
+    monkeypatch.setenv(ENV_VAR, "5")
+    assert max_batch_from_env() == 5
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv(ENV_VAR, bad)
+        with pytest.raises(ValueError, match=rf"{ENV_VAR}='{bad}'.*whole number >= 1"):
+            max_batch_from_env()
+
+
+def test_a_failing_job_is_its_own_error_and_the_others_run():
+    def app_fn():
+        def app(message, context):
+            if message == "bad":
+                raise ValueError("bad input on partition 7")
+            return f"reply to {message}"
+        return app
+
+    outcomes = run_jobs(app_fn, [("ok1", "ctx1"), ("bad", "ctx2"), ("ok2", "ctx3")])
+    assert [o.reply for o in outcomes] == ["reply to ok1", None, "reply to ok2"]
+    assert [o.context for o in outcomes] == ["ctx1", "ctx2", "ctx3"]
+    failed = outcomes[1]
+    assert failed.error_code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    # the reason Flower's backend gives (the server's client_error_text reads the client's line)
+    assert failed.reason.startswith("<class 'flwr.clientapp.client_app.ClientAppException'>:<'")
+    assert "Traceback" in failed.reason and client_error_text(failed.reason) == "bad input on partition 7"
+    assert all(o.runtime_s >= 0 for o in outcomes)
+
+
+def _run(tmp_path: Path, name: str, batch: str) -> tuple[RunDir, str]:
+    run = tmp_path / name
+    proc = fedrep_cli("run", "--verbose", "--dataset", "linear-synthetic", "--model", "linear",
+                      "--num-clients", "40", "--rounds", "2", "--set", "fraction-train=1.0",
+                      "--set", "final-finetune-epochs=0", "--set", f"run-dir={run}",
+                      "--client-app", "failing_clientapp:app", cwd=Path(__file__).parent,
+                      env={**__import__("os").environ, ENV_VAR: batch})
+    tally = re.search(rf"{BatchedRayBackend.__name__}: (\d+) messages in (\d+) actor calls \(at most (\d+)",
+                      proc.stdout + proc.stderr)
+    assert tally, "the backend's tally line is missing from the verbose log"
+    messages, calls, largest = map(int, tally.groups())
+    assert messages == 2 * (40 + 40)  # train + evaluate, 2 rounds
+    return RunDir(run), f"{calls} {largest}"
+
+
+@pytest.mark.e2e
+def test_batched_calls_give_the_one_message_a_call_result_bit_for_bit(tmp_path: Path):
+    """40 clients, all trained and evaluated, partition 1 raising on every message: with several
+    messages a call and with one, the same failures and the same model, bit for bit."""
+    batched, batched_calls = _run(tmp_path, "batched", "32")
+    single, single_calls = _run(tmp_path, "single", "1")
+    calls, largest = map(int, batched_calls.split())
+    assert largest > 1 and calls < 160, batched_calls
+    assert single_calls == "160 1"
+    for run in (batched, single):
+        failed = {(e["partition"], e["kind"]) for e in run.read_events() if e["event"] == "client-failed"}
+        assert failed == {(1, "train"), (1, "evaluate")}, failed
+        assert [row["train-clients"] for row in run.read_metrics()] == [39, 39]
+    ours, theirs = batched.load_checkpoint(2), single.load_checkpoint(2)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
