@@ -53,9 +53,11 @@ def array_from_numpy(array: np.ndarray) -> Array:
     return Array(dtype=str(array.dtype), shape=shape, stype=NUMPY_STYPE, data=data)
 
 
-def array_to_numpy(array: Array) -> np.ndarray:
+def array_to_numpy(array: Array, writable: bool = True) -> np.ndarray:
     """Flower's ``Array.numpy()``: a writable array of its own; the header parsed only when it
-    is not the one :func:`npy_header` gives for the Array's dtype and shape."""
+    is not the one :func:`npy_header` gives for the Array's dtype and shape. With
+    ``writable=False``, a read-only view of the Array's bytes where it can (no copy: what the
+    server's aggregation reads once)."""
     if array.stype == NUMPY_STYPE:
         try:
             dtype = np.dtype(array.dtype)
@@ -67,7 +69,8 @@ def array_to_numpy(array: Array) -> np.ndarray:
             data = array.data
             count = int(np.prod(shape, dtype=np.int64))
             if data[:len(header)] == header and len(data) == len(header) + count * dtype.itemsize:
-                return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape).copy()
+                view = np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
+                return view.copy() if writable else view
     return array.numpy()
 
 
@@ -81,9 +84,9 @@ def to_record(arrays: Mapping[str, np.ndarray | torch.Tensor]) -> ArrayRecord:
     return record
 
 
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Named NumPy arrays of ``record``, in its order."""
-    return {key: array_to_numpy(array) for key, array in record.items()}
+def from_record(record: ArrayRecord, writable: bool = True) -> dict[str, np.ndarray]:
+    """Named NumPy arrays of ``record``, in its order (read-only views with ``writable=False``)."""
+    return {key: array_to_numpy(array, writable) for key, array in record.items()}
 
 
 def from_record_torch(record: ArrayRecord) -> dict[str, torch.Tensor]:

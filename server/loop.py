@@ -25,7 +25,7 @@ from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACC
 from fedrep.algorithms.privacy import update_norm
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
-from fedrep.flower_runtime import pull_interval, simulated_partitions
+from fedrep.flower_runtime import notify_pushed, pull_interval, simulated_partitions, wait_for_replies
 from fedrep.interrupts import IN_PROCESS
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
@@ -81,6 +81,7 @@ class AuditingGrid:
         passes), written out so that an in-process stop request ends the wait. Returns the
         replies and the ids of the messages still unanswered."""
         waiting = set(self._grid.push_messages(messages))
+        notify_pushed()
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
         interval = pull_interval(self._grid)
@@ -91,7 +92,7 @@ class AuditingGrid:
             if not waiting:
                 break
             IN_PROCESS.check(f"in round {self.server_round}")
-            time.sleep(interval)
+            wait_for_replies(interval)
         return replies, waiting
 
     def _missing_replies(self, sent_of: dict[str, Message], waiting: set[str],

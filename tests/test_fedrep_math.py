@@ -101,6 +101,26 @@ def test_weighted_average_matches_hand_computation():
         weighted_average([(a, 1), ({"w": a["w"]}, 1)])
 
 
+def test_weighted_average_blocks_give_the_plain_sum_bit_for_bit():
+    """The blocked loop does per element what acc += float64(x_i) * (w_i / total) over i does, in
+    the same order: equal bits, across a block boundary, for floats and a rounded integer count."""
+    from fedrep.algorithms.aggregate import AVERAGE_BLOCK
+
+    rng = np.random.default_rng(3)
+    shapes = {"conv": (6, 1, 5, 5), "big": (AVERAGE_BLOCK * 2 + 17,), "count": ()}
+    updates = [({k: (rng.standard_normal(s).astype(np.float32) if k != "count" else np.array(rng.integers(9)))
+                 for k, s in shapes.items()}, float(rng.integers(1, 600))) for _ in range(25)]
+    total = sum(w for _, w in updates)
+    out = weighted_average(updates)
+    for key in shapes:
+        acc = np.zeros(shapes[key], np.float64)
+        for arrays, weight in updates:
+            acc += np.asarray(arrays[key], dtype=np.float64) * (weight / total)
+        expected = (np.rint(acc) if key == "count" else acc).astype(updates[0][0][key].dtype)
+        assert out[key].dtype == expected.dtype and out[key].shape == expected.shape
+        assert expected.tobytes() == out[key].tobytes(), key
+
+
 def test_summarize_is_unweighted_mean_of_local_accuracies():
     stats = summarize([0.5, 1.0, 0.9], weights=[10, 10, 80])
     assert stats["mean"] == pytest.approx(0.8)

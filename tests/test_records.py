@@ -52,3 +52,12 @@ def test_record_round_trip_in_order_with_tensors():
     for key, tensor in state.items():
         assert back[key].shape == tensor.shape and torch.equal(back[key], tensor), key
     assert from_record(record)["bn.num_batches_tracked"].shape == ()
+
+
+def test_a_read_only_view_shares_the_bytes_and_refuses_writes():
+    record = to_record({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    view = from_record(record, writable=False)["w"]
+    np.testing.assert_array_equal(view, np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert not view.flags.writeable and not view.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        view[0, 0] = 1.0

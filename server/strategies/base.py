@@ -395,7 +395,9 @@ class SharedAveraging(Federation, Strategy):
         ok = self._split_replies(replies)
         if not ok:
             return None, None
-        updates = [(from_record(r.content[ARRAYS]), float(r.content[METRICS][NUM_EXAMPLES])) for r in ok]
+        # read-only views of the replies' bytes: the aggregators only read them (no 1 MB copy each)
+        updates = [(from_record(r.content[ARRAYS], writable=False), float(r.content[METRICS][NUM_EXAMPLES]))
+                   for r in ok]
         equal = self.cfg.equal_aggregation()  # aggregation-weights
         weighted = [(a, 1.0) for a, _ in updates] if equal else updates
         if self.privacy is not None and self.cfg.dp == "central":
