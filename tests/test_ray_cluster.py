@@ -137,7 +137,11 @@ def client_execution_nodes(address: str) -> set[str]:
         ray.shutdown()
     events = [gcs_pb2.TaskEvents.FromString(raw) for raw in raw_events]
     return {event.state_updates.node_id.hex() for event in events
-            if event.task_info.name == "ClientAppActor.run" and event.state_updates.node_id}
+            if event.task_info.name in CLIENT_TASKS and event.state_updates.node_id}
+
+
+# Flower's backend's actor method, and fedrep's batched backend's (the default in simulations)
+CLIENT_TASKS = ("ClientAppActor.run", "BatchClientAppActor.run_batch")
 
 
 @pytest.mark.e2e
