@@ -61,7 +61,6 @@ from flwr.supercore import log
 
 ENV_VAR = "FEDREP_RAY_BATCH"
 DEFAULT_MAX_BATCH = 32
-SLOTS_PER_ACTOR = 1  # calls in flight per actor (see the module docstring)
 QUEUE_SHARE = 4  # a call takes at most 1/QUEUE_SHARE of an even share of what waits
 STOCK_WORKER: Callable[..., None] = vce_api.worker
 STOCK_BACKEND: type[RayBackend] = RayBackend
@@ -81,12 +80,6 @@ def max_batch_from_env() -> int:
                          f"whole number >= 1 (1 = one message a call, as Flower does; default "
                          f"{DEFAULT_MAX_BATCH}), or unset it")
     return value
-
-
-def flower_worker_threads() -> int:
-    """How many of the backend's workers Flower's ``run_api`` runs at once: it starts them in a
-    ``ThreadPoolExecutor()`` of the default size."""
-    return min(32, (os.cpu_count() or 1) + 4)
 
 
 def batch_limit(waiting: int, slots: int, max_batch: int) -> int:
@@ -189,11 +182,9 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         count = pool_size_from_resources(self.client_resources)
         self._actors = [BatchClientAppActor.options(**self.client_resources).remote(app_fn)  # type: ignore
                         for _ in range(count)]
-        depth = SLOTS_PER_ACTOR if SLOTS_PER_ACTOR * count <= flower_worker_threads() else 1
-        for _ in range(depth):
-            for actor in self._actors:
-                self._idle.put(actor)
-        self._slots = depth * count
+        for actor in self._actors:  # one call in flight per actor (see the module docstring)
+            self._idle.put(actor)
+        self._slots = count
         self.app_fn = app_fn
 
     @property
@@ -224,7 +215,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         """One line: how the messages went out (``fedrep run --verbose`` logs it at the end)."""
         return (f"{type(self).__name__}: {self.messages} messages in {self.calls} actor calls "
                 f"(at most {self.largest_call} a call, FEDREP_RAY_BATCH={self.max_batch}) on "
-                f"{len(self._actors)} actors x {self._slots // max(1, len(self._actors))} slots")
+                f"{len(self._actors)} actors")
 
     def process_message(self, message: Message, context: Context) -> tuple[Message, Context]:
         """The one-message contract of Flower's ``Backend``."""
