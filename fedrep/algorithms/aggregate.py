@@ -8,6 +8,7 @@ import numpy as np
 
 AVERAGE_BLOCK = 16384  # float64 elements per block of weighted_average: 128 KiB, in L2 with its product
 
+
 def weighted_average(
     updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
 ) -> dict[str, np.ndarray]:
@@ -34,7 +35,8 @@ def weighted_average(
         flat = [np.asarray(arrays[key]).reshape(-1) for arrays, _ in updates]
         # Block by block, so that the float64 sum and product stay in cache across the updates:
         # per element the same operations in the same order as acc += float64(x_i) * w_i / total
-        # over i (tests/test_aggregate.py checks it bit for bit), about 3x faster for 1,000 models.
+        # over i (tests/test_fedrep_math.py checks it bit for bit), without a float64 copy of each
+        # update; 1.09x faster for 1,000 paper-CNN models, measured beside an experiment run.
         scratch = np.empty(min(acc.size, AVERAGE_BLOCK), dtype=np.float64)
         for start in range(0, acc.size, AVERAGE_BLOCK):
             block = acc[start:start + AVERAGE_BLOCK]

@@ -36,7 +36,7 @@ import sys
 import threading
 from collections.abc import Callable, Container, Mapping
 from pathlib import Path
-from queue import Queue
+from queue import Empty, Queue
 from types import MappingProxyType
 from typing import Any
 
@@ -110,8 +110,6 @@ def notify_pushed() -> None:
 def put_message_into_state(state: Any, queue: Queue[Message], f_stop: threading.Event) -> None:
     """Flower's ``vce_api.put_message_into_state`` (store each reply of a simulated node in the
     LinkState), which also wakes :func:`wait_for_replies`."""
-    from queue import Empty
-
     while not f_stop.is_set():
         try:
             reply = queue.get(timeout=1.0)
