@@ -42,12 +42,9 @@ from typing import Any
 
 from flwr.app import Message
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.supercore.date import now
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
-
-from fedrep.flower_runtime import batching
 
 ENV_VAR = "FEDREP_DISPATCH"
 TICK_S = 0.1  # Flower's interval; a phase's messages leave within one tick of being sent
@@ -150,6 +147,12 @@ def install() -> str:
     ``FEDREP_DISPATCH`` names (``fast``, the default, or ``flower``); the name used. When the
     installed Flower no longer has what the fast dispatch relies on, it stays off, with one
     warning line on stderr, and ``"flower"`` is returned."""
+    # Ray only here: a deployment's ServerApp imports this module (the wake events, the pull
+    # interval) and its images have no Ray, which simulation alone needs.
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedrep.flower_runtime import batching
+
     choice = os.environ.get(ENV_VAR, "fast").strip().lower() or "fast"
     if choice not in ("fast", "flower"):
         raise ValueError(f"{ENV_VAR}={choice!r}: use 'fast' (one pass per tick, the default) or "
@@ -204,6 +207,8 @@ def internals_problems() -> list[str]:
 
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrep.flower_runtime import batching  # imports Ray: simulation only (see install)
 
     problems = []
     params = getattr(vce_api, "add_messages_to_queue", None)
