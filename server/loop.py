@@ -25,7 +25,13 @@ from fedrep.algorithms.aggregate import PAPER_METRIC, PAPER_WINDOW, WEIGHTED_ACC
 from fedrep.algorithms.privacy import update_norm
 from fedrep.config import RunConfig
 from fedrep.data.synthetic import ground_truth_representation, principal_angle_distance
-from fedrep.flower_runtime import notify_pushed, pull_interval, simulated_partitions, wait_for_replies
+from fedrep.flower_runtime import (
+    notify_pushed,
+    pull_interval,
+    replies_stored,
+    simulated_partitions,
+    wait_for_replies,
+)
 from fedrep.interrupts import IN_PROCESS
 from fedrep.models import build_model
 from fedrep.plotting import plot_run
@@ -56,6 +62,8 @@ from fedrep.tracking import Trackers, trackers_from
 from server.privacy import PrivacyBudgetReached
 from server.strategies.base import SharedAveraging
 
+SAFETY_PULL_S = 1.0  # the longest a simulated ServerApp goes without a pull while it waits
+
 
 class RunFolderFailure(RuntimeError):
     """A client could not read or write its part of the run folder; the round does not count."""
@@ -85,14 +93,24 @@ class AuditingGrid:
         end = time.monotonic() + (timeout or 0.0)
         replies: list[Message] = []
         interval = pull_interval(self._grid)
-        while timeout is None or time.monotonic() < end:
-            got = list(self._grid.pull_messages(waiting))
-            replies += got
-            waiting.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not waiting:
+        pull, stored, pulled_at = True, 0, 0.0
+        while True:
+            # In a simulation, a pull when all are in (each pull re-validates every awaited
+            # message), and one a second in case a reply came some other way (the LinkState's
+            # own error replies are not counted).
+            if pull or time.monotonic() - pulled_at >= SAFETY_PULL_S:
+                # the count before the pull (see wait_for_replies)
+                stored, pulled_at = replies_stored(), time.monotonic()
+                got = list(self._grid.pull_messages(waiting))
+                replies += got
+                waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+                if not waiting:
+                    break
+            if timeout is not None and time.monotonic() >= end:
                 break
             IN_PROCESS.check(f"in round {self.server_round}")
-            wait_for_replies(interval)
+            pull = (wait_for_replies(stored + len(waiting), interval)
+                    or (timeout is not None and time.monotonic() >= end))
         return replies, waiting
 
     def _missing_replies(self, sent_of: dict[str, Message], waiting: set[str],
