@@ -19,6 +19,7 @@ Flower's functions, byte for byte and value for value.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -67,7 +68,7 @@ def array_to_numpy(array: Array, writable: bool = True) -> np.ndarray:
             shape = tuple(int(n) for n in array.shape)
             header = npy_header(dtype.str, shape)
             data = array.data
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)
             if data[:len(header)] == header and len(data) == len(header) + count * dtype.itemsize:
                 view = np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
                 return view.copy() if writable else view

@@ -101,10 +101,18 @@ def test_weighted_average_matches_hand_computation():
         weighted_average([(a, 1), ({"w": a["w"]}, 1)])
 
 
-def test_weighted_average_blocks_give_the_plain_sum_bit_for_bit():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_weighted_average_blocks_give_the_plain_sum_bit_for_bit(threads, monkeypatch):
     """The blocked loop does per element what acc += float64(x_i) * (w_i / total) over i does, in
-    the same order: equal bits, across a block boundary, for floats and a rounded integer count."""
+    the same order: equal bits, across a block boundary, for floats and a rounded integer count;
+    also with the blocks split over threads (as large sums are)."""
+    from fedrep.algorithms import aggregate
     from fedrep.algorithms.aggregate import AVERAGE_BLOCK
+
+    if threads > 1:
+        monkeypatch.setattr(aggregate, "PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(aggregate, "_threads", lambda: threads)
+        assert len(aggregate._thread_chunks(3, 10)) == 3
 
     rng = np.random.default_rng(3)
     shapes = {"conv": (6, 1, 5, 5), "big": (AVERAGE_BLOCK * 2 + 17,), "count": ()}

@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 AVERAGE_BLOCK = 16384  # float64 elements per block of weighted_average: 128 KiB, in L2 with its product
+
+
+PARALLEL_MIN_ELEMENTS = 8_000_000  # below this many multiply-adds a sum stays in the calling thread
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="fedrep-average"))
+    return _POOL[0]
+
+
+def _threads() -> int:
+    """Threads for one large sum: the cores this process may use, at most 4."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, min(4, len(usable)))
+
+
+def _thread_chunks(blocks: int, work: int) -> list[tuple[int, int]]:
+    """Contiguous runs of block indices, one per thread, when ``work`` is worth threads."""
+    parts = min(blocks, _threads()) if work >= PARALLEL_MIN_ELEMENTS else 1
+    bounds = [blocks * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)] if parts > 1 else [(0, blocks)]
+
+
+def _accumulate(acc: np.ndarray, flat: list[np.ndarray], scales: list[float], starts: range) -> None:
+    """acc[block] += float64(x_i[block]) * scale_i over i in order, for each block in ``starts``."""
+    scratch = np.empty(min(acc.size, AVERAGE_BLOCK), dtype=np.float64)
+    for start in starts:
+        block = acc[start:start + AVERAGE_BLOCK]
+        product = scratch[:block.size]
+        for values, scale in zip(flat, scales, strict=True):
+            np.multiply(values[start:start + AVERAGE_BLOCK], scale, out=product, dtype=np.float64)
+            block += product
 
 
 def weighted_average(
@@ -31,19 +68,23 @@ def weighted_average(
     scales = [weight / total for _, weight in updates]
     for key in keys:
         shape = np.shape(updates[0][0][key])
-        acc = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=np.float64)
+        acc = np.zeros(math.prod(shape), dtype=np.float64)
         flat = [np.asarray(arrays[key]).reshape(-1) for arrays, _ in updates]
         # Block by block, so that the float64 sum and product stay in cache across the updates:
         # per element the same operations in the same order as acc += float64(x_i) * w_i / total
         # over i (tests/test_fedrep_math.py checks it bit for bit), without a float64 copy of each
         # update; 1.09x faster for 1,000 paper-CNN models, measured beside an experiment run.
-        scratch = np.empty(min(acc.size, AVERAGE_BLOCK), dtype=np.float64)
-        for start in range(0, acc.size, AVERAGE_BLOCK):
-            block = acc[start:start + AVERAGE_BLOCK]
-            product = scratch[:block.size]
-            for values, scale in zip(flat, scales, strict=True):
-                np.multiply(values[start:start + AVERAGE_BLOCK], scale, out=product, dtype=np.float64)
-                block += product
+        # Large sums split their blocks over threads (NumPy lets go of the GIL for each block's
+        # arithmetic): the same operations on each element, so the same bits, in less time
+        # while the server waits on it between a round's phases.
+        starts = range(0, acc.size, AVERAGE_BLOCK)
+        chunks = _thread_chunks(len(starts), acc.size * len(flat))
+        if len(chunks) == 1:
+            _accumulate(acc, flat, scales, starts)
+        else:
+            parts = [starts[first:last] for first, last in chunks]
+            n = len(parts)
+            list(_pool().map(_accumulate, [acc] * n, [flat] * n, [scales] * n, parts))
         acc = acc.reshape(shape)
         dtype = np.asarray(updates[0][0][key]).dtype
         if np.issubdtype(dtype, np.integer):

@@ -82,10 +82,13 @@ class ClientUpdateRule(ABC):
 
     @abstractmethod
     def shared_keys(self, model: SplitModel) -> list[str]:
-        """State-dict keys exchanged with the server, in state-dict order."""
+        """State-dict keys exchanged with the server, in state-dict order. A function of the
+        model's architecture and the run config only: the ClientApp asks once per model and
+        keeps the answer."""
 
     def personal_keys(self, model: SplitModel) -> list[str]:
-        """State-dict keys that never leave the client (everything not shared)."""
+        """State-dict keys that never leave the client (everything not shared); asked once per
+        model, like :meth:`shared_keys`."""
         shared = set(self.shared_keys(model))
         return [key for key in model.state_dict() if key not in shared]
 
