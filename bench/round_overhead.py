@@ -9,7 +9,8 @@ Measures, side by side in one invocation:
 * plain parallel: the reference loop split over that many processes started together, i.e. what
   the machine's cores actually give plain PyTorch (shared caches, memory bandwidth, clock);
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
-  from round 2 so that Ray actors are up and client data is cached, as in any long run;
+  from round 2 so that Ray actors are up and client data is cached, as in any long run
+  (``--rounds N``: the median of rounds 2 to N+1, steadier on a machine whose speed drifts);
 * flower-dispatch: the same with ``FEDREP_DISPATCH=flower``, i.e. Flower's own per-node message
   dispatch loop instead of :mod:`fedrep.flower_runtime` (what the one-pass dispatcher saves);
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
@@ -24,7 +25,7 @@ Prints the ratios and writes them to ``bench/out/round_overhead.json``.
 
     python bench/round_overhead.py                      # 100 clients x 600 images, CNN
     python bench/round_overhead.py --model mlp --fraction 0.1
-    python bench/round_overhead.py --tiny               # 1,000 one-batch FedAvg clients: clients/s
+    python bench/round_overhead.py --tiny --rounds 5    # 1,000 one-batch FedAvg clients: clients/s
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,11 +112,13 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
 
 
 def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
-                 dispatch: str = "fast") -> float:
-    """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys)."""
+                 dispatch: str = "fast", rounds: int = 1) -> float:
+    """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys); with
+    ``rounds`` > 1, the median of rounds 2 to ``rounds`` + 1 (a noisy machine's seconds drift)."""
     label = client_app.split(":")[0].rsplit(".", 1)[-1] if client_app else "flower"
     run_dir = workdir / f"{label}-{dispatch}-run"
-    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", "2", "--set", f"run-dir={run_dir}"]
+    cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", str(rounds + 1),
+           "--set", f"run-dir={run_dir}"]
     for key, value in settings.items():
         cmd += ["--set", f"{key}={value}"]
     if client_app:
@@ -122,7 +126,7 @@ def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    cwd=Path(__file__).resolve().parents[1],
                    env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDREP_DISPATCH": dispatch})
-    return float(RunDir(run_dir).read_metrics()[1]["round-seconds"])
+    return statistics.median(float(row["round-seconds"]) for row in RunDir(run_dir).read_metrics()[1:])
 
 
 def main() -> None:
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     parser.add_argument("--tiny", action="store_true",
                         help="throughput of tiny clients: 1,000 FedAvg clients of one batch (10 images)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time fedrep's rounds 2..ROUNDS+1 and take their median (default: round 2)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-ClientApp run")
     parser.add_argument("--no-usual", action="store_true", help="skip FedRep written the usual way")
     parser.add_argument("--no-flower-dispatch", action="store_true",
@@ -156,7 +162,7 @@ def main() -> None:
     references = [reference_round(cfg, server_round=2)]
     parallels = [parallel_reference_round(settings, 2, workers)]
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
-        flower_s = flower_round(settings, Path(tmp))
+        flower_s = flower_round(settings, Path(tmp), rounds=args.rounds)
         dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
         usual_s = (None if args.no_usual or cfg.strategy != "fedrep" else
