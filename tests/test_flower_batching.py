@@ -29,17 +29,23 @@ def _message(node: int, tag: str) -> SimpleNamespace:
     return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node), tag=tag)
 
 
-def test_take_batch_takes_distinct_nodes_and_gives_back_a_repeat():
+def test_take_batch_takes_distinct_idle_nodes_and_passes_over_the_rest_in_order():
     waiting: Queue = Queue()
-    for node, tag in [(2, "b"), (3, "c"), (1, "d"), (4, "e")]:
+    for node, tag in [(2, "b"), (3, "c"), (1, "d"), (4, "e"), (9, "x")]:
         waiting.put(_message(node, tag))
-    batch, held = take_batch(_message(1, "a"), waiting, limit=10)
-    assert [m.tag for m in batch] == ["a", "b", "c"] and held.tag == "d"  # node 1 again: next call's
-    assert [m.tag for m in take_batch(held, waiting, limit=10)[0]] == ["d", "e"]
+    # node 1 twice: its second message waits; node 9 busy (a call of it not read back yet)
+    batch, passed = take_batch([_message(1, "a")], waiting, limit=10, busy={9})
+    assert [m.tag for m in batch] == ["a", "b", "c", "e"] and [m.tag for m in passed] == ["d", "x"]
+    assert waiting.empty()
+    # passed-over messages go first, in order, once their nodes are free
     waiting.put(_message(5, "f"))
-    waiting.put(_message(6, "g"))
-    batch, held = take_batch(_message(7, "h"), waiting, limit=2)
-    assert [m.tag for m in batch] == ["h", "f"] and held is None and waiting.qsize() == 1
+    batch, passed = take_batch(passed, waiting, limit=10, busy=set())
+    assert [m.tag for m in batch] == ["d", "x", "f"] and passed == []
+    # the limit: the rest stays in the queue, untouched
+    for node, tag in [(6, "g"), (7, "h"), (8, "i")]:
+        waiting.put(_message(node, tag))
+    batch, passed = take_batch([], waiting, limit=2, busy=set())
+    assert [m.tag for m in batch] == ["g", "h"] and passed == [] and waiting.qsize() == 1
 
 
 def test_batch_limit_shrinks_with_the_queue():
@@ -110,3 +116,55 @@ def test_batched_calls_give_the_one_message_a_call_result_bit_for_bit(tmp_path: 
     assert set(ours) == set(theirs)
     for key in ours:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeypatch):
+    """The pipelined worker starts a node's next call only after the driver has read back the
+    context its previous call left (here with Ray stubbed: calls run when read back)."""
+    from fedrep.flower_runtime import batching
+
+    monkeypatch.setattr(batching.ray, "put", lambda jobs: jobs)
+    monkeypatch.setattr(batching.ray, "get", lambda pending: pending)
+    backend = object.__new__(batching.BatchedRayBackend)
+    backend.__dict__.update(max_batch=32, _ready=Queue(), _lock=__import__("threading").Lock(),
+                            _busy=batching.Counter(), _deferred=[], _idle_threads=0, _slots=2,
+                            calls=0, messages=0, largest_call=0, batch_limit=lambda waiting: 32)
+    contexts = {7: 0, 8: 0}
+
+    class Node:
+        def __init__(self, node):
+            self.node = node
+
+        def retrieve_context(self, run_id):
+            return contexts[self.node]
+
+        def update_context(self, run_id, context):
+            contexts[self.node] = context
+
+    store = {n: Node(n) for n in contexts}
+
+    class Actor:  # "runs" a job: the node's context + 1, read back in collect
+        class run_batch:  # noqa: N801 (Ray's call syntax)
+            @staticmethod
+            def remote(jobs):
+                return [batching.Outcome(SimpleNamespace(tag=f"reply {m.tag}", has_content=lambda: False),
+                                         ctx + 1, 0.0) for m, ctx in jobs]
+
+    def message(node, tag):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, run_id=1), tag=tag)
+
+    waiting: Queue = Queue()
+    for node, tag in [(7, "x1"), (8, "y"), (7, "x2")]:
+        waiting.put(message(node, tag))
+    metrics = SimpleNamespace(add_clientapp_runtime=lambda s: None)
+    first = backend.next_call(waiting, store, timeout=0)
+    assert [m.tag for m in first.batch] == ["x1", "y"]
+    pending = backend.submit(Actor, first)
+    backend.finished(first)  # done on the actor, replies not read yet: x2 must not go
+    assert backend.next_call(waiting, store, timeout=0) is None
+    assert [r.tag for r in backend.collect(first, pending, store, metrics)] == ["reply x1", "reply y"]
+    second = backend.next_call(waiting, store, timeout=0)
+    assert [m.tag for m in second.batch] == ["x2"] and second.jobs[0][2] == 1  # x1's context
+    assert [r.tag for r in backend.collect(second, backend.submit(Actor, second), store, metrics)] == [
+        "reply x2"]
+    assert contexts == {7: 2, 8: 1} and not backend._busy

@@ -44,7 +44,8 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
 from logging import DEBUG, ERROR
 from queue import Empty, Queue
@@ -194,8 +195,13 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._actors: list[Any] = []
         self._slots = 0
         self._ready: Queue[PreparedCall] = Queue()  # calls prepared ahead, for whichever actor frees first
-        self._held: Queue[Message] = Queue()  # a message that ended a batch (its node was in it): next first
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two below and the tally
+        # Nodes whose context a new call must not read yet: their message is in a call prepared
+        # but not started, or finished but with its replies (and context) not read back. A call
+        # that runs does not hold its nodes: a node's next message may run beside it, as under
+        # Flower's own workers (a client that hangs past reply-timeout must not block its node).
+        self._busy: Counter[int] = Counter()
+        self._deferred: list[Message] = []  # taken, but their node was busy: they go first later
         self._idle_threads = 0  # worker threads waiting for a message (they take new work at once)
         self._next_actor = 0
         self.calls = self.messages = self.largest_call = 0
@@ -243,57 +249,90 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
             self.calls += 1
             self.messages += len(batch)
             self.largest_call = max(self.largest_call, len(batch))
-        jobs_ref = ray.put([(message, context) for _, message, context in jobs]) if jobs else None
+        jobs_ref = None
+        if jobs:
+            try:
+                jobs_ref = ray.put([(message, context) for _, message, context in jobs])
+            except Exception as ex:  # content that does not pickle: each message's error, as a failed call
+                early.update({i: _error_reply(message, ErrorCode.UNKNOWN, error_reason(ex))
+                              for i, message, _ in jobs})
+                jobs = []
         return PreparedCall(batch, jobs, jobs_ref, early)
 
-    def next_call(self, waiting: Queue[Message], node_info_store: dict[int, Any],
-                  timeout: float) -> PreparedCall | None:
-        """A call prepared ahead if there is one, else one made now from the waiting messages
-        (waiting up to ``timeout`` s for one, 0 = not at all); None when nothing waits."""
-        try:
-            return self._ready.get_nowait()
-        except Empty:
-            pass
-        try:
-            first = self._held.get_nowait()
-        except Empty:
-            if timeout <= 0:
-                try:
-                    first = waiting.get_nowait()
-                except Empty:
-                    return None
-            else:
+    def next_call(self, waiting: Queue[Message], node_info_store: dict[int, Any], timeout: float,
+                  prepared: bool = True) -> PreparedCall | None:
+        """A call prepared ahead if there is one (and ``prepared``), else one made now from the
+        waiting messages, waiting up to ``timeout`` s for one (0 = not at all); None when none
+        can go now."""
+        if prepared:
+            try:
+                return self._ready.get_nowait()
+            except Empty:
+                pass
+        batch = self._take(waiting, None)
+        if not batch and timeout > 0:
+            with self._lock:
+                self._idle_threads += 1
+            try:
+                first = waiting.get(timeout=timeout)
+            except Empty:
+                return None
+            finally:
                 with self._lock:
-                    self._idle_threads += 1
-                try:
-                    first = waiting.get(timeout=timeout)
-                except Empty:
-                    return None
-                finally:
-                    with self._lock:
-                        self._idle_threads -= 1
-        batch, held = take_batch(first, waiting, self.batch_limit(waiting.qsize() + 1))
-        if held is not None:
-            self._held.put(held)
-        return self.prepare(batch, node_info_store)
+                    self._idle_threads -= 1
+            batch = self._take(waiting, first)
+        return self.prepare(batch, node_info_store) if batch else None
+
+    def _take(self, waiting: Queue[Message], first: Message | None) -> list[Message]:
+        """The next batch (:func:`take_batch`), its nodes now busy until :meth:`collect`."""
+        with self._lock:
+            older = self._deferred + ([first] if first is not None else [])
+            limit = self.batch_limit(waiting.qsize() + len(older))
+            batch, self._deferred = take_batch(older, waiting, limit, self._busy)
+            self._hold(batch)
+        return batch
+
+    def _hold(self, batch: list[Message]) -> None:
+        self._busy.update(m.metadata.dst_node_id for m in batch)
+
+    def _let_go(self, batch: list[Message]) -> None:
+        self._busy.subtract(m.metadata.dst_node_id for m in batch)
+        self._busy += Counter()  # drops the nodes at zero
+
+    def finished(self, call: PreparedCall) -> None:
+        """``call`` has finished on its actor: its nodes wait for :meth:`collect` again."""
+        with self._lock:
+            self._hold(call.batch)
 
     def prepare_ahead(self, waiting: Queue[Message], node_info_store: dict[int, Any]) -> None:
-        """While this thread's actor is busy: make the next call ready for whichever actor frees
+        """While this thread's actor is busy: make one more call ready for whichever actor frees
         first, unless a thread is idle (it takes waiting messages itself, at once) or every actor
         already has one ready. Never queued at an actor: a call waits here, not behind a client
         that hangs."""
         if self._idle_threads == 0 and self._ready.qsize() < self._slots:
-            call = self.next_call(waiting, node_info_store, timeout=0)
+            call = self.next_call(waiting, node_info_store, timeout=0, prepared=False)
             if call is not None:
                 self._ready.put(call)
 
     def submit(self, actor: Any, call: PreparedCall) -> Any:
         """Start ``call`` on ``actor``; its pending result (None when the call has no job)."""
-        return actor.run_batch.remote(call.jobs_ref) if call.jobs_ref is not None else None
+        pending = actor.run_batch.remote(call.jobs_ref) if call.jobs_ref is not None else None
+        with self._lock:
+            self._let_go(call.batch)  # running now (see _busy)
+        return pending
 
     def collect(self, call: PreparedCall, pending: Any, node_info_store: dict[int, Any],
                 metrics: Any) -> list[Message]:
-        """Each message's reply: the ClientApp's, or an error reply; contexts updated on success."""
+        """Each message's reply: the ClientApp's, or an error reply; contexts updated on success,
+        and only then the call's nodes free for their next message."""
+        try:
+            return self._replies(call, pending, node_info_store, metrics)
+        finally:
+            with self._lock:
+                self._let_go(call.batch)
+
+    def _replies(self, call: PreparedCall, pending: Any, node_info_store: dict[int, Any],
+                 metrics: Any) -> list[Message]:
         replies = dict(call.early)
         try:
             outcomes = arrays_in_band(ray.get(pending)) if pending is not None else []
@@ -341,20 +380,33 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         ray.shutdown()
 
 
-def take_batch(first: Message, waiting: Queue[Message], limit: int) -> tuple[list[Message], Message | None]:
-    """``first`` and up to ``limit - 1`` more messages from ``waiting`` for distinct nodes; a
-    message for a node already in the batch ends it and is given back to go first next time."""
-    batch, nodes = [first], {first.metadata.dst_node_id}
+def take_batch(older: list[Message], waiting: Queue[Message], limit: int,
+               busy: Container[int]) -> tuple[list[Message], list[Message]]:
+    """Up to ``limit`` messages for distinct nodes, none in ``busy``: ``older`` ones first, in
+    order, then from ``waiting``. Returns the batch and the messages passed over (a node already
+    in the batch, or busy), in order, to go first next time. So a node's next message does not
+    read its context between the driver's taking and reading back the previous one."""
+    batch: list[Message] = []
+    nodes: set[int] = set()
+    passed: list[Message] = []
+
+    def place(message: Message) -> None:
+        node = message.metadata.dst_node_id
+        if len(batch) < limit and node not in busy and node not in nodes:
+            batch.append(message)
+            nodes.add(node)
+        else:
+            passed.append(message)
+
+    for message in older:
+        place(message)
     while len(batch) < limit:
         try:
             message = waiting.get_nowait()
         except Empty:
             break
-        if message.metadata.dst_node_id in nodes:
-            return batch, message
-        batch.append(message)
-        nodes.add(message.metadata.dst_node_id)
-    return batch, None
+        place(message)
+    return batch, passed
 
 
 def worker(messageins_queue: Queue[Message], messageres_queue: Queue[Message],
@@ -384,6 +436,7 @@ def worker(messageins_queue: Queue[Message], messageres_queue: Queue[Message],
             if flight[1] is not None and not ray.wait([flight[1]], timeout=1.0)[0]:
                 continue  # still running: look at f_stop, then wait again
             done = flight
+            backend.finished(done[0])  # its nodes' next messages wait until its replies are read
             following = backend.next_call(messageins_queue, node_info_store, timeout=0)
             flight = (following, backend.submit(actor, following)) if following is not None else None
             for reply in backend.collect(*done, node_info_store, metrics):
