@@ -417,9 +417,11 @@ def worker(messageins_queue: Queue[Message], messageres_queue: Queue[Message],
     Each thread holds one actor and keeps one call in flight on it. The driver's share of a
     call is done while the actor works: the next call is prepared ahead (for whichever actor
     frees first, so a call never waits behind a client that hangs), and when a call ends the
-    next one starts *before* this thread reads the finished call's replies. The actor waits
-    only for a submission, not for the driver to read 32 replies (0.9 s of each actor's 4 s
-    train phase of 1,000 tiny clients, measured before)."""
+    next one starts *before* this thread reads the finished call's replies, so the actor waits
+    only for a submission, not for the driver to read 32 replies. Measured on 1,000 tiny
+    clients this gained less than the 0.9 s a train phase that actors spent outside the
+    ClientApp suggested: most of that was the actors running slower beside the driver on two
+    busy cores (README, Performance), not waiting for it."""
     if not isinstance(backend, BatchedRayBackend):
         STOCK_WORKER(messageins_queue, messageres_queue, node_info_store, backend, f_stop, metrics)
         return
