@@ -10,7 +10,10 @@ Measures, side by side in one invocation:
   the machine's cores actually give plain PyTorch (shared caches, memory bandwidth, clock);
 * flower: the same round through ``fedrep run`` (Flower Simulation Runtime, Ray backend), taken
   from round 2 so that Ray actors are up and client data is cached, as in any long run
-  (``--rounds N``: the median of rounds 2 to N+1, steadier on a machine whose speed drifts);
+  (``--rounds N``: the median of rounds 2 to N+1, steadier on a machine whose speed drifts;
+  ``--repeats K``: K simulations, each between two runs of the reference, each ratio against
+  the mean of the two references beside it, the median ratio reported: this machine's speed
+  drifts by more than the differences measured here, so one pair of runs can mislead);
 * flower-dispatch: the same with ``FEDREP_DISPATCH=flower``, i.e. Flower's own per-node message
   dispatch loop instead of :mod:`fedrep.flower_runtime` (what the one-pass dispatcher saves);
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
@@ -39,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -112,11 +116,11 @@ def head_cache_speedup(cfg, clients: int) -> tuple[float, float]:
 
 
 def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
-                 dispatch: str = "fast", rounds: int = 1) -> float:
+                 dispatch: str = "fast", rounds: int = 1, repeat: int = 0) -> float:
     """Seconds of round 2 of a real ``fedrep run`` with ``settings`` (run-config keys); with
     ``rounds`` > 1, the median of rounds 2 to ``rounds`` + 1 (a noisy machine's seconds drift)."""
     label = client_app.split(":")[0].rsplit(".", 1)[-1] if client_app else "flower"
-    run_dir = workdir / f"{label}-{dispatch}-run"
+    run_dir = workdir / f"{label}-{dispatch}-run-{repeat}"
     cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", str(rounds + 1),
            "--set", f"run-dir={run_dir}"]
     for key, value in settings.items():
@@ -127,6 +131,17 @@ def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
                    cwd=Path(__file__).resolve().parents[1],
                    env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FEDREP_DISPATCH": dispatch})
     return statistics.median(float(row["round-seconds"]) for row in RunDir(run_dir).read_metrics()[1:])
+
+
+def interleaved_ratios(timed: Sequence[float], references: Sequence[float], workers: int) -> list[float]:
+    """``timed[i]`` over the ideal of the references run just before and just after it
+    (``references[i]`` and ``references[i + 1]``, their mean over ``workers``): each ratio
+    against the machine's speed at the time, as its speed drifts."""
+    if len(references) != len(timed) + 1:
+        raise ValueError(f"{len(timed)} timed runs need {len(timed) + 1} references around them, "
+                         f"got {len(references)}")
+    return [t / ((before + after) / 2 / workers)
+            for t, before, after in zip(timed, references[:-1], references[1:], strict=True)]
 
 
 def main() -> None:
@@ -142,6 +157,8 @@ def main() -> None:
                         help="throughput of tiny clients: 1,000 FedAvg clients of one batch (10 images)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time fedrep's rounds 2..ROUNDS+1 and take their median (default: round 2)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="simulations, each between two reference runs; the median ratio counts")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock-ClientApp run")
     parser.add_argument("--no-usual", action="store_true", help="skip FedRep written the usual way")
     parser.add_argument("--no-flower-dispatch", action="store_true",
@@ -159,17 +176,29 @@ def main() -> None:
     workers = max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
     # The plain loops run before and after the simulations and count at their mean: this
     # machine's speed drifts by several percent over the minutes a run takes.
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
     references = [reference_round(cfg, server_round=2)]
     parallels = [parallel_reference_round(settings, 2, workers)]
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
-        flower_s = flower_round(settings, Path(tmp), rounds=args.rounds)
+        repeats = []
+        for repeat in range(args.repeats):
+            repeats.append(flower_round(settings, Path(tmp), rounds=args.rounds, repeat=repeat))
+            if repeat < args.repeats - 1:
+                references.append(reference_round(cfg, server_round=2))
         dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
         usual_s = (None if args.no_usual or cfg.strategy != "fedrep" else
                    flower_round(settings, Path(tmp), "bench.usual_clientapp:app"))
+    # The last simulation's reference after it comes after the other runs (as with one repeat).
     references.append(reference_round(cfg, server_round=2))
     parallels.append(parallel_reference_round(settings, 2, workers))
-    reference_s, parallel_s = sum(references) / 2, sum(parallels) / 2
+    ratios = interleaved_ratios(repeats, references, workers)
+    median_at = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
+    flower_s = repeats[median_at]
+    # the reference beside the median run (the mean of all of them with one repeat)
+    reference_s = (references[median_at] + references[median_at + 1]) / 2
+    parallel_s = sum(parallels) / 2
     ideal_s = reference_s / workers
     trained = len(sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train))
     calls = trained + cfg.num_clients  # train + evaluate messages in the round
@@ -182,6 +211,8 @@ def main() -> None:
         "flower-calls-per-s": calls / flower_s, "ideal-calls-per-s": calls / ideal_s,
         "parallel-plain-s": parallel_s, "parallel-plain-over-ideal": parallel_s / ideal_s,
         "flower-over-parallel-plain": flower_s / parallel_s,
+        "repeats": len(repeats), "flower-repeats-s": repeats, "references-s": references,
+        "flower-over-ideal-repeats": ratios,
     }
     if dispatch_s is not None:
         result.update({"flower-dispatch-s": dispatch_s, "flower-dispatch-over-ideal": dispatch_s / ideal_s,
@@ -201,8 +232,9 @@ def main() -> None:
     (out / name).write_text(json.dumps(result, indent=2))
     print(f"one {cfg.strategy} round, {cfg.num_clients} clients (fraction {cfg.fraction_train}), "
           f"{cfg.model}, {workers} workers, {calls} client calls")
-    print(f"  reference (1 process): {reference_s:8.2f} s   (before {references[0]:.2f}, after "
-          f"{references[1]:.2f})")
+    print(f"  reference (1 process): {reference_s:8.2f} s   (" + (
+        f"before {references[0]:.2f}, after {references[1]:.2f})" if len(references) == 2 else
+        "runs " + ", ".join(f"{r:.2f}" for r in references) + "; the two beside the median run count)"))
     print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
     print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   "
           f"(before {parallels[0]:.2f}, after {parallels[1]:.2f})")
@@ -211,7 +243,9 @@ def main() -> None:
         print(f"  Flower's dispatch:     {dispatch_s:8.2f} s   {calls / dispatch_s:8.1f} calls/s")
     if stock_s is not None:
         print(f"  stock ClientApp:       {stock_s:8.2f} s   {calls / stock_s:8.1f} calls/s")
-    print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x")
+    print(f"  Flower / ideal       = {flower_s / ideal_s:.2f}x"
+          + (f"   (median of {len(ratios)}: " + ", ".join(f"{r:.2f}x" for r in ratios) + ")"
+             if len(ratios) > 1 else ""))
     print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
     print(f"  plain {workers} procs / ideal = {parallel_s / ideal_s:.2f}x   (Flower / plain {workers} procs "
           f"= {flower_s / parallel_s:.2f}x)")
