@@ -1,0 +1,177 @@
+"""One FedRep round of CIFAR-10 client work on the CPU and on a shared GPU, side by side.
+
+Why this script and not ``fedrep run --set client-gpus=...``: the GPU machine this project is
+lent has no package registry, and Ray's wheel alone is larger than what may be carried to it, so
+Flower's Simulation Runtime cannot start there. What fractional ``client-gpus`` does is still
+measurable without it: ``client-gpus = 1/K`` lets Ray place K client workers on one GPU, each a
+process that moves its model and data to ``cuda`` (``clients/app.py``: ``device_for``) and holds
+itself to its share of the GPU's memory (``limit_gpu_memory``). Here K spawned processes do the
+same client arithmetic (the rule's ``fit`` and ``evaluate`` as the ClientApp calls them, data on
+the device through :func:`fedrep.data.federated.load_client_data`), split the round's clients
+between them, and the round's wall time is compared with the same work in the same number of CPU
+processes. GPU utilisation is sampled with NVML (``nvidia-ml-py``) while the GPU runs.
+
+The data are CIFAR-10 *shaped* (the official python-pickle archive layout, random pixels, written
+by ``tests/fixtures_cifar.py``): round time does not depend on the pixels, and the real archive
+cannot be downloaded there. Settings are the paper's CIFAR-10 run (``scripts/FedRep_cifar10_2shards.sh``
+in lgcollins/FedRep: 100 clients, 2 shards each, 10 head epochs + 1 body epoch, batches of 10).
+
+    python bench/gpu_round.py --workers 4 --devices cpu cuda     # prints a table, writes JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fedrep.algorithms.sampling import sample_clients  # noqa: E402
+from fedrep.algorithms.training import EVAL, round_generator  # noqa: E402
+from fedrep.config import parse_run_config  # noqa: E402
+from fedrep.data.federated import load_client_data  # noqa: E402
+from fedrep.models import build_model  # noqa: E402
+from fedrep.registry import get_strategy  # noqa: E402
+
+
+def settings_for(data_dir: str, clients: int, fraction: float) -> dict:
+    return {"dataset": "cifar10", "data-dir": data_dir, "num-clients": clients, "fraction-train": fraction,
+            "strategy": "fedrep", "final-finetune-epochs": 0}
+
+
+def _shard(settings: dict, device: str, shard: int, shards: int, barrier, results) -> None:
+    """Worker ``shard`` of ``shards``: every ``shards``-th sampled client's local update, then
+    every ``shards``-th client's evaluation, on ``device``; puts its seconds after the barrier."""
+    cfg = parse_run_config(settings)
+    torch.set_num_threads(cfg.client_threads)
+    if device == "cuda":  # the share of the GPU a client-gpus = 1/shards worker is held to
+        torch.cuda.set_per_process_memory_fraction(1.0 / shards, 0)
+    rule = get_strategy(cfg.strategy).client_rule(cfg)
+    model = rule.prepare_model(build_model(cfg)).to(device)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train)[shard::shards]
+    evaluated = list(range(cfg.num_clients))[shard::shards]
+    datas = {c: load_client_data(cfg, c, device) for c in {*trained, *evaluated}}
+    model.load_state_dict(start)  # warm-up: first-call kernel set-up, as a warm round 2
+    rule.fit(model, datas[trained[0] if trained else evaluated[0]], round_generator(cfg.seed, 0, 0))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for client in trained:
+        model.load_state_dict(start)
+        rule.fit(model, datas[client], round_generator(cfg.seed, 2, client))
+    for client in evaluated:
+        model.load_state_dict(start)
+        rule.evaluate(model, datas[client], round_generator(cfg.seed, 2, client, EVAL))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    results.put(time.perf_counter() - t0)
+
+
+class Utilisation:
+    """GPU utilisation (percent of time a kernel ran) and memory, sampled every 50 ms by NVML."""
+
+    def __init__(self) -> None:
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.samples: list[int] = []
+        self.peak_memory = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            self.peak_memory = max(self.peak_memory, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+
+    def __enter__(self) -> Utilisation:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_round(settings: dict, device: str, workers: int) -> dict:
+    """Wall seconds of the round's client work in ``workers`` processes started together on
+    ``device`` (the slowest worker's), with GPU utilisation when on the GPU."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers + 1), ctx.Queue()
+    procs = [ctx.Process(target=_shard, args=(settings, device, i, workers, barrier, results))
+             for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    barrier.wait()  # every worker has its data and a warm model
+    if device == "cuda":
+        with Utilisation() as util:
+            times = [results.get() for _ in procs]
+    else:
+        util, times = None, [results.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    out = {"device": device, "workers": workers, "seconds": max(times)}
+    if util is not None and util.samples:
+        busy = util.samples[1:-1] or util.samples  # the first and last straddle start and end
+        out.update({"gpu-utilisation-mean": sum(busy) / len(busy),
+                    "gpu-peak-memory-gib": util.peak_memory / 2**30, "samples": len(busy)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--fraction", type=float, default=0.1, help="fraction-train (the paper's 0.1)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4],
+                        help="client processes per device (client-gpus = 1/W on the GPU)")
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
+    parser.add_argument("--per-batch", type=int, default=10000,
+                        help="images per CIFAR-10 training batch file (10,000 = the real size)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = parser.parse_args()
+    if "cuda" in args.devices and not torch.cuda.is_available():
+        parser.error("--devices cuda: no CUDA device here (use --devices cpu)")
+
+    from tests.fixtures_cifar import write_cifar_folder
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedrep-gpu-") as tmp:
+        write_cifar_folder(Path(tmp), "cifar10", per_batch=args.per_batch)
+        settings = settings_for(tmp, args.clients, args.fraction)
+        for device in args.devices:
+            for workers in args.workers:
+                rows.append(timed_round(settings, device, workers))
+                print(json.dumps(rows[-1]), flush=True)
+    cpu = {r["workers"]: r["seconds"] for r in rows if r["device"] == "cpu"}
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    print(f"one FedRep round's client work, CIFAR-10 shaped, {args.clients} clients, "
+          f"fraction {args.fraction}, torch {torch.__version__}{gpu}")
+    for r in rows:
+        line = f"  {r['device']:4s} x{r['workers']:<2d} workers: {r['seconds']:8.2f} s"
+        if "gpu-utilisation-mean" in r:
+            line += f"   GPU busy {r['gpu-utilisation-mean']:5.1f}%  peak {r['gpu-peak-memory-gib']:.2f} GiB"
+        if r["device"] != "cpu" and r["workers"] in cpu:
+            line += f"   {cpu[r['workers']] / r['seconds']:.2f}x the CPU with as many workers"
+        print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_round.json").write_text(json.dumps({"clients": args.clients, "fraction": args.fraction,
+                                                    "torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
