@@ -51,7 +51,16 @@ def settings_for(data_dir: str, clients: int, fraction: float) -> dict:
 
 def _shard(settings: dict, device: str, shard: int, shards: int, barrier, results) -> None:
     """Worker ``shard`` of ``shards``: every ``shards``-th sampled client's local update, then
-    every ``shards``-th client's evaluation, on ``device``; puts its seconds after the barrier."""
+    every ``shards``-th client's evaluation, on ``device``; puts its seconds after the barrier,
+    or, if it fails, breaks the barrier and puts the error, so the parent does not wait forever."""
+    try:
+        results.put(_timed_shard(settings, device, shard, shards, barrier))
+    except BaseException as err:
+        barrier.abort()
+        results.put(f"worker {shard}: {type(err).__name__}: {err}")
+
+
+def _timed_shard(settings: dict, device: str, shard: int, shards: int, barrier) -> float:
     cfg = parse_run_config(settings)
     torch.set_num_threads(cfg.client_threads)
     if device == "cuda":  # the share of the GPU a client-gpus = 1/shards worker is held to
@@ -76,7 +85,7 @@ def _shard(settings: dict, device: str, shard: int, shards: int, barrier, result
         rule.evaluate(model, datas[client], round_generator(cfg.seed, 2, client, EVAL))
     if device == "cuda":
         torch.cuda.synchronize()
-    results.put(time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 class Utilisation:
@@ -116,14 +125,20 @@ def timed_round(settings: dict, device: str, workers: int) -> dict:
              for i in range(workers)]
     for proc in procs:
         proc.start()
-    barrier.wait()  # every worker has its data and a warm model
-    if device == "cuda":
-        with Utilisation() as util:
-            times = [results.get() for _ in procs]
-    else:
-        util, times = None, [results.get() for _ in procs]
-    for proc in procs:
-        proc.join()
+    try:
+        barrier.wait()  # every worker has its data and a warm model
+        if device == "cuda":
+            with Utilisation() as util:
+                times = [results.get() for _ in procs]
+        else:
+            util, times = None, [results.get() for _ in procs]
+    except threading.BrokenBarrierError:
+        raise RuntimeError(f"a {device} worker failed: {results.get()}") from None
+    finally:
+        for proc in procs:
+            proc.join()
+    if failed := [t for t in times if isinstance(t, str)]:
+        raise RuntimeError(f"a {device} worker failed: {failed[0]}")
     out = {"device": device, "workers": workers, "seconds": max(times)}
     if util is not None and util.samples:
         busy = util.samples[1:-1] or util.samples  # the first and last straddle start and end

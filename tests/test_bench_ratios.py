@@ -1,4 +1,4 @@
-"""bench/round_overhead.py's interleaved ratios: each simulation against the references beside it."""
+"""bench/: round_overhead.py's interleaved ratios; gpu_round.py's CPU side and its refusal without a GPU."""
 
 import pytest
 
@@ -17,3 +17,37 @@ def test_one_run_uses_the_mean_of_before_and_after() -> None:
 def test_references_must_surround_every_run() -> None:
     with pytest.raises(ValueError, match="2 timed runs need 3 references"):
         interleaved_ratios([1.0, 2.0], [1.0, 2.0], workers=2)
+
+
+def test_gpu_round_times_the_client_work_on_the_cpu(tmp_path) -> None:
+    """bench/gpu_round.py's CPU side: real worker processes, real CIFAR-10-format files."""
+    from bench.gpu_round import settings_for, timed_round
+    from tests.fixtures_cifar import write_cifar_folder
+
+    write_cifar_folder(tmp_path, "cifar10", per_batch=100)
+    row = timed_round(settings_for(str(tmp_path), clients=4, fraction=0.5), "cpu", workers=1)
+    assert row["device"] == "cpu" and row["workers"] == 1
+    assert 0 < row["seconds"] < 60
+    assert "gpu-utilisation-mean" not in row
+
+
+def test_gpu_round_refuses_cuda_without_a_gpu() -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    done = subprocess.run([sys.executable, "bench/gpu_round.py", "--devices", "cuda"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr
+
+
+def test_gpu_round_reports_a_failing_worker_instead_of_waiting(tmp_path) -> None:
+    from bench.gpu_round import settings_for, timed_round
+    from tests.fixtures_cifar import write_cifar_folder
+
+    write_cifar_folder(tmp_path, "cifar10", per_batch=2)  # a class with no test image
+    with pytest.raises(RuntimeError, match="worker failed: worker 0: PartitionError: .* no test images"):
+        timed_round(settings_for(str(tmp_path), clients=4, fraction=0.5), "cpu", workers=1)

@@ -125,6 +125,13 @@ def test_pathological_equal_shards_at_paper_sizes():
     assert {len(p.test) for p in parts} == {100}
 
 
+def test_pathological_names_a_class_with_no_test_images():
+    """A test split missing a class the clients train on: a clear error, not a division by zero."""
+    test = _labels(100, classes=9, seed=1)  # class 9 never appears in the test split
+    with pytest.raises(partition.PartitionError, match=r"class(es)? \[9\] has training images but no test"):
+        partition.pathological(_labels(600), test, 100, 2, seed=1)
+
+
 def test_pathological_at_10000_clients_shares_only_test_images():
     """Fashion-MNIST sizes, n=10,000, s=2: 2,000 holders per class but 1,000 test images per
     class. Train shards stay disjoint (3 images per class); each client gets one test image per

@@ -77,6 +77,12 @@ def pathological(
     holders_of = [np.flatnonzero((classes == c).any(axis=1)) for c in range(num_classes)]
     most = max(len(h) for h in holders_of)
     used = [c for c in range(num_classes) if len(holders_of[c])]
+    if untested := [c for c in used if len(test_pool[c]) == 0]:
+        raise PartitionError(
+            f"class{'es' * (len(untested) > 1)} {untested[:5]} ha{'ve' if len(untested) > 1 else 's'} "
+            "training images but no test images, so the clients holding them could not be "
+            "evaluated; use a test split with every class, or fewer classes"
+        )
     shard = min(len(train_pool[c]) for c in used) // most
     test_shard = min(len(test_pool[c]) for c in used) // most
     # More holders than test images of a class (10,000 clients): holders share test images, one
