@@ -34,6 +34,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import sys
 import time
 import zipfile
@@ -57,8 +58,10 @@ RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir",
                      "client-gpus", "data-dir", "wait-for-clients", "reply-timeout", "final-finetune-epochs",
                      "on-damaged-head", "tracking", "onboard", "dp-epsilon-budget"}
 # What torch.load raises on a truncated, overwritten or foreign file.
-LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
-               zipfile.BadZipFile)
+# What torch.load raises on a damaged file: random bytes reach its weights-only unpickler, which
+# fails with IndexError (an empty stack) on about 6% of them, besides the usual errors.
+LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError,
+               AttributeError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile)
 # The keys without which a config.json is not a run's configuration (older run folders, written
 # before config digests, are checked against these alone).
 IDENTIFYING_KEYS = ("strategy", "dataset", "num-clients", "seed")

@@ -62,3 +62,21 @@ def test_node_state_dir_keeps_runs_apart(tmp_path: Path):
     a = state_root(_ctx({"state-dir": str(tmp_path)}), "/runs/a/run1")
     b = state_root(_ctx({"state-dir": str(tmp_path)}), "/other/run1")
     assert a.parent == tmp_path and a != b
+
+
+def test_any_damaged_head_file_is_named_not_a_traceback(tmp_path) -> None:
+    """Random bytes (a disk error, a truncated copy) always give HeadFileDamaged with the path:
+    torch's weights-only unpickler fails with IndexError on some of them, not only the usual errors."""
+    import random
+    import warnings
+
+    import pytest
+
+    from fedrep.results import HeadFileDamaged, read_head_versions
+
+    path = tmp_path / "client-0.pt"
+    for seed in range(400):
+        path.write_bytes(random.Random(seed).randbytes(300 if seed % 2 else 50))
+        with warnings.catch_warnings(), pytest.raises(HeadFileDamaged, match="client-0.pt"):
+            warnings.simplefilter("ignore")  # torch warns about the unknown pickle protocols
+            read_head_versions(path)
