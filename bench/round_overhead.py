@@ -181,9 +181,9 @@ def main() -> None:
     references = [reference_round(cfg, server_round=2)]
     parallels = [parallel_reference_round(settings, 2, workers)]
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
-        repeats = []
+        flower_runs = []
         for repeat in range(args.repeats):
-            repeats.append(flower_round(settings, Path(tmp), rounds=args.rounds, repeat=repeat))
+            flower_runs.append(flower_round(settings, Path(tmp), rounds=args.rounds, repeat=repeat))
             if repeat < args.repeats - 1:
                 references.append(reference_round(cfg, server_round=2))
         dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
@@ -193,9 +193,9 @@ def main() -> None:
     # The last simulation's reference after it comes after the other runs (as with one repeat).
     references.append(reference_round(cfg, server_round=2))
     parallels.append(parallel_reference_round(settings, 2, workers))
-    ratios = interleaved_ratios(repeats, references, workers)
+    ratios = interleaved_ratios(flower_runs, references, workers)
     median_at = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
-    flower_s = repeats[median_at]
+    flower_s = flower_runs[median_at]
     # the reference beside the median run (the mean of all of them with one repeat)
     reference_s = (references[median_at] + references[median_at + 1]) / 2
     parallel_s = sum(parallels) / 2
@@ -211,7 +211,7 @@ def main() -> None:
         "flower-calls-per-s": calls / flower_s, "ideal-calls-per-s": calls / ideal_s,
         "parallel-plain-s": parallel_s, "parallel-plain-over-ideal": parallel_s / ideal_s,
         "flower-over-parallel-plain": flower_s / parallel_s,
-        "repeats": len(repeats), "flower-repeats-s": repeats, "references-s": references,
+        "repeats": len(flower_runs), "flower-repeats-s": flower_runs, "references-s": references,
         "flower-over-ideal-repeats": ratios,
     }
     if dispatch_s is not None:
