@@ -1,5 +1,7 @@
 """bench/: round_overhead.py's interleaved ratios; gpu_round.py's CPU side and its refusal without a GPU."""
 
+from pathlib import Path
+
 import pytest
 
 from bench.round_overhead import interleaved_ratios
@@ -39,8 +41,8 @@ def test_gpu_round_refuses_cuda_without_a_gpu() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    done = subprocess.run([sys.executable, "bench/gpu_round.py", "--devices", "cuda"], capture_output=True,
-                          text=True)
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_round.py"
+    done = subprocess.run([sys.executable, str(script), "--devices", "cuda"], capture_output=True, text=True)
     assert done.returncode == 2 and "no CUDA device here" in done.stderr
 
 
