@@ -6,8 +6,9 @@ Flower's Simulation Runtime cannot start there. What fractional ``client-gpus`` 
 measurable without it: ``client-gpus = 1/K`` lets Ray place K client workers on one GPU, each a
 process that moves its model and data to ``cuda`` (``clients/app.py``: ``device_for``) and holds
 itself to its share of the GPU's memory (``limit_gpu_memory``). Here K spawned processes do the
-same client arithmetic (the rule's ``fit`` and ``evaluate`` as the ClientApp calls them, data on
-the device through :func:`fedrep.data.federated.load_client_data`), split the round's clients
+same client arithmetic (``bench/round_overhead.py``'s ``reference_round``: the rule's ``fit`` and
+``evaluate`` as the ClientApp calls them, data on the device through
+:func:`fedrep.data.federated.load_client_data`), split the round's clients
 between them, and the round's wall time is compared with the same work in the same number of CPU
 processes. GPU utilisation is sampled with NVML (``nvidia-ml-py``) while the GPU runs.
 
@@ -27,7 +28,6 @@ import multiprocessing
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -36,12 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedrep.algorithms.sampling import sample_clients  # noqa: E402
-from fedrep.algorithms.training import EVAL, round_generator  # noqa: E402
+from bench.round_overhead import reference_round  # noqa: E402
 from fedrep.config import parse_run_config  # noqa: E402
-from fedrep.data.federated import load_client_data  # noqa: E402
-from fedrep.models import build_model  # noqa: E402
-from fedrep.registry import get_strategy  # noqa: E402
 
 
 def settings_for(data_dir: str, clients: int, fraction: float) -> dict:
@@ -54,38 +50,12 @@ def _shard(settings: dict, device: str, shard: int, shards: int, barrier, result
     every ``shards``-th client's evaluation, on ``device``; puts its seconds after the barrier,
     or, if it fails, breaks the barrier and puts the error, so the parent does not wait forever."""
     try:
-        results.put(_timed_shard(settings, device, shard, shards, barrier))
+        if device == "cuda":  # the share of the GPU a client-gpus = 1/shards worker is held to
+            torch.cuda.set_per_process_memory_fraction(1.0 / shards, 0)
+        results.put(reference_round(parse_run_config(settings), 2, shard, shards, barrier, device))
     except BaseException as err:
         barrier.abort()
         results.put(f"worker {shard}: {type(err).__name__}: {err}")
-
-
-def _timed_shard(settings: dict, device: str, shard: int, shards: int, barrier) -> float:
-    cfg = parse_run_config(settings)
-    torch.set_num_threads(cfg.client_threads)
-    if device == "cuda":  # the share of the GPU a client-gpus = 1/shards worker is held to
-        torch.cuda.set_per_process_memory_fraction(1.0 / shards, 0)
-    rule = get_strategy(cfg.strategy).client_rule(cfg)
-    model = rule.prepare_model(build_model(cfg)).to(device)
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    trained = sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train)[shard::shards]
-    evaluated = list(range(cfg.num_clients))[shard::shards]
-    datas = {c: load_client_data(cfg, c, device) for c in {*trained, *evaluated}}
-    model.load_state_dict(start)  # warm-up: first-call kernel set-up, as a warm round 2
-    rule.fit(model, datas[trained[0] if trained else evaluated[0]], round_generator(cfg.seed, 0, 0))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for client in trained:
-        model.load_state_dict(start)
-        rule.fit(model, datas[client], round_generator(cfg.seed, 2, client))
-    for client in evaluated:
-        model.load_state_dict(start)
-        rule.evaluate(model, datas[client], round_generator(cfg.seed, 2, client, EVAL))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 class Utilisation:

@@ -56,20 +56,25 @@ from fedrep.registry import get_strategy
 from fedrep.results import RunDir
 
 
-def reference_round(cfg, server_round: int, shard: int = 0, shards: int = 1, barrier=None) -> float:
+def reference_round(cfg, server_round: int, shard: int = 0, shards: int = 1, barrier=None,
+                    device: str = "cpu") -> float:
     """Seconds for one round of the same arithmetic in one process (data preloaded); with
-    ``shards`` > 1 only every ``shards``-th client from ``shard`` on, after ``barrier``."""
+    ``shards`` > 1 only every ``shards``-th client from ``shard`` on, after ``barrier``; model
+    and data on ``device`` (``bench/gpu_round.py``: ``cuda``)."""
     rule = get_strategy(cfg.strategy).client_rule(cfg)
-    model = rule.prepare_model(build_model(cfg))
+    model = rule.prepare_model(build_model(cfg)).to(device)
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     sampled = sample_clients(cfg.seed, server_round, range(cfg.num_clients), cfg.fraction_train)
     trained = sampled[shard::shards]
     evaluated = list(range(cfg.num_clients))[shard::shards]
-    datas = {c: load_client_data(cfg, c) for c in {*trained, *evaluated}}
+    datas = {c: load_client_data(cfg, c, device) for c in {*trained, *evaluated}}
     torch.set_num_threads(cfg.client_threads)
-    if trained:  # warm up (first-call kernel set-up), as Flower's round 2 is warm
-        model.load_state_dict(start_state)
+    model.load_state_dict(start_state)  # warm up (first-call kernel set-up), as Flower's round 2 is warm
+    if trained:
         rule.fit(model, datas[trained[0]], round_generator(cfg.seed, 0, trained[0]))
+    elif evaluated:  # a shard that trains nobody this round (many GPU workers, few sampled)
+        rule.evaluate(model, datas[evaluated[0]], round_generator(cfg.seed, 0, evaluated[0], EVAL))
+    _synchronize(device)
     if barrier is not None:
         barrier.wait()
     t0 = time.perf_counter()
@@ -79,7 +84,14 @@ def reference_round(cfg, server_round: int, shard: int = 0, shards: int = 1, bar
     for client in evaluated:
         model.load_state_dict(start_state)
         rule.evaluate(model, datas[client], round_generator(cfg.seed, server_round, client, EVAL))
+    _synchronize(device)
     return time.perf_counter() - t0
+
+
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued kernels, so that a timer around them times them."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _shard(settings: dict, server_round: int, shard: int, shards: int, barrier, results) -> None:

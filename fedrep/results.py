@@ -57,9 +57,8 @@ ONBOARDED = "onboarded.jsonl"
 RESUMABLE_CHANGES = {"num-rounds", "eval-every", "resume", "run-dir", "out-dir", "client-cpus",
                      "client-gpus", "data-dir", "wait-for-clients", "reply-timeout", "final-finetune-epochs",
                      "on-damaged-head", "tracking", "onboard", "dp-epsilon-budget"}
-# What torch.load raises on a truncated, overwritten or foreign file.
-# What torch.load raises on a damaged file: random bytes reach its weights-only unpickler, which
-# fails with IndexError (an empty stack) on about 6% of them, besides the usual errors.
+# What torch.load raises on a truncated, overwritten or foreign file: random bytes reach its
+# weights-only unpickler, which fails with IndexError (an empty stack) on about 6% of them.
 LOAD_ERRORS = (OSError, EOFError, RuntimeError, ValueError, KeyError, IndexError, TypeError,
                AttributeError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile)
 # The keys without which a config.json is not a run's configuration (older run folders, written
