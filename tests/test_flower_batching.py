@@ -3,7 +3,10 @@ message a call, a client's failure stays its own, and the rules that size a call
 
 from __future__ import annotations
 
+import os
+import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
@@ -21,6 +24,7 @@ from fedrep.flower_runtime.batching import (
     run_jobs,
     take_batch,
 )
+from fedrep.flower_runtime.shared_content import ContentShare
 from fedrep.results import RunDir, client_error_text
 
 
@@ -84,38 +88,64 @@ def test_a_failing_job_is_its_own_error_and_the_others_run():
     assert all(o.runtime_s >= 0 for o in outcomes)
 
 
-def _run(tmp_path: Path, name: str, batch: str) -> tuple[RunDir, str]:
+def _run(tmp_path: Path, name: str, env: dict[str, str]) -> tuple[RunDir, str | None]:
+    """A 2-round run of 40 clients whose representation (2,000 x 10 floats, 80 KB) is large
+    enough to go through the object store once (shared_content.SHARE_MIN_BYTES); with the
+    backend's tally ("calls largest shared") when fedrep's dispatch ran."""
     run = tmp_path / name
     proc = fedrep_cli("run", "--verbose", "--dataset", "linear-synthetic", "--model", "linear",
                       "--num-clients", "40", "--rounds", "2", "--set", "fraction-train=1.0",
+                      "--set", "linear-dim=2000", "--set", "linear-rank=10",
                       "--set", "final-finetune-epochs=0", "--set", f"run-dir={run}",
                       "--client-app", "failing_clientapp:app", cwd=Path(__file__).parent,
-                      env={**__import__("os").environ, ENV_VAR: batch})
-    tally = re.search(rf"{BatchedRayBackend.__name__}: (\d+) messages in (\d+) actor calls \(at most (\d+)",
-                      proc.stdout + proc.stderr)
-    assert tally, "the backend's tally line is missing from the verbose log"
-    messages, calls, largest = map(int, tally.groups())
+                      env={**os.environ, **env})
+    tally = re.search(rf"{BatchedRayBackend.__name__}: (\d+) messages in (\d+) actor calls \(at most (\d+)"
+                      r".*; (\d+) shared contents", proc.stdout + proc.stderr)
+    if tally is None:
+        return RunDir(run), None
+    messages, calls, largest, shared = map(int, tally.groups())
     assert messages == 2 * (40 + 40)  # train + evaluate, 2 rounds
-    return RunDir(run), f"{calls} {largest}"
+    return RunDir(run), f"{calls} {largest} {shared}"
 
 
 @pytest.mark.e2e
 def test_batched_calls_give_the_one_message_a_call_result_bit_for_bit(tmp_path: Path):
     """40 clients, all trained and evaluated, partition 1 raising on every message: with several
-    messages a call and with one, the same failures and the same model, bit for bit."""
-    batched, batched_calls = _run(tmp_path, "batched", "32")
-    single, single_calls = _run(tmp_path, "single", "1")
-    calls, largest = map(int, batched_calls.split())
+    messages a call, with one, and with Flower's own dispatch (a copy of the model in every
+    message), the same failures and the same model, bit for bit."""
+    batched, batched_calls = _run(tmp_path, "batched", {ENV_VAR: "32"})
+    single, single_calls = _run(tmp_path, "single", {ENV_VAR: "1"})
+    stock, stock_calls = _run(tmp_path, "flower", {"FEDREP_DISPATCH": "flower"})
+    assert batched_calls is not None and single_calls is not None and stock_calls is None
+    calls, largest, shared = map(int, batched_calls.split())
     assert largest > 1 and calls < 160, batched_calls
-    assert single_calls == "160 1"
-    for run in (batched, single):
+    # each round's train and evaluate model went through the object store once, however sent
+    assert shared == 4 and single_calls == "160 1 4", (batched_calls, single_calls)
+    for run in (batched, single, stock):
         failed = {(e["partition"], e["kind"]) for e in run.read_events() if e["event"] == "client-failed"}
         assert failed == {(1, "train"), (1, "evaluate")}, failed
         assert [row["train-clients"] for row in run.read_metrics()] == [39, 39]
-    ours, theirs = batched.load_checkpoint(2), single.load_checkpoint(2)
-    assert set(ours) == set(theirs)
-    for key in ours:
-        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    ours = batched.load_checkpoint(2)
+    for other in (single, stock):
+        theirs = other.load_checkpoint(2)
+        assert set(ours) == set(theirs)
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+@dataclass
+class _ContentlessMessage:
+    """What an actor call reads of a Message without content (its tag rides as the error)."""
+
+    metadata: SimpleNamespace
+    tag: str
+
+    @property
+    def error(self) -> str:
+        return self.tag
+
+    def has_content(self) -> bool:
+        return False
 
 
 def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeypatch):
@@ -123,12 +153,12 @@ def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeyp
     context its previous call left (here with Ray stubbed: calls run when read back)."""
     from fedrep.flower_runtime import batching
 
-    monkeypatch.setattr(batching.ray, "put", lambda jobs: jobs)
     monkeypatch.setattr(batching.ray, "get", lambda pending: pending)
     backend = object.__new__(batching.BatchedRayBackend)
     backend.__dict__.update(max_batch=32, _ready=Queue(), _lock=__import__("threading").Lock(),
                             _busy=batching.Counter(), _deferred=[], _idle_threads=0, _slots=2,
-                            calls=0, messages=0, largest_call=0, batch_limit=lambda waiting: 32)
+                            _share=ContentShare(), calls=0, messages=0, largest_call=0,
+                            batch_limit=lambda waiting: 32)
     contexts = {7: 0, 8: 0}
 
     class Node:
@@ -146,12 +176,12 @@ def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeyp
     class Actor:  # "runs" a job: the node's context + 1, read back in collect
         class run_batch:  # noqa: N801 (Ray's call syntax)
             @staticmethod
-            def remote(jobs):
-                return [batching.Outcome(SimpleNamespace(tag=f"reply {m.tag}", has_content=lambda: False),
-                                         ctx + 1, 0.0) for m, ctx in jobs]
+            def remote(payload):
+                return [batching.Outcome(SimpleNamespace(tag=f"reply {job.error}", has_content=lambda: False),
+                                         job.context + 1, 0.0) for job in pickle.loads(payload.jobs)]
 
     def message(node, tag):
-        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, run_id=1), tag=tag)
+        return _ContentlessMessage(SimpleNamespace(dst_node_id=node, run_id=1), tag)
 
     waiting: Queue = Queue()
     for node, tag in [(7, "x1"), (8, "y"), (7, "x2")]:

@@ -171,3 +171,40 @@ def test_node_partitions_come_from_the_simulation_runtime(monkeypatch):
             fast_dispatch.simulated_partitions()[1] = 2  # a read-only view
     finally:
         vce_api._register_nodes = original
+
+
+def test_a_server_that_sees_nodes_mid_registration_waits_for_the_whole_mapping(monkeypatch):
+    """Flower creates simulated nodes one by one and the ServerApp, already running, sees them
+    as they appear. Reading the mapping then must wait for all of it: an empty answer made the
+    server send hundreds of query messages in round 1 (a race seen in 1 of 4 runs)."""
+    monkeypatch.delenv(fast_dispatch.ENV_VAR, raising=False)
+    original = vce_api._register_nodes
+    try:
+        fast_dispatch.install()
+        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+        state = factory.state()
+        assert factory.state() is state  # the in-memory factory hands out one state
+        create = state.create_node
+        seen: dict = {}
+
+        def reader() -> None:
+            seen["mapping"] = dict(fast_dispatch.simulated_partitions(wait_s=30))
+
+        def create_slowly(*args, **kwargs):
+            node = create(*args, **kwargs)
+            if "thread" not in seen:  # one node exists: a server would see it now
+                seen["thread"] = threading.Thread(target=reader)
+                seen["thread"].start()
+                time.sleep(0.3)  # the reader asks while 4 nodes are still to come
+            return node
+
+        monkeypatch.setattr(state, "create_node", create_slowly)
+        mapping = vce_api._register_nodes(num_nodes=5, state_factory=factory)
+        seen["thread"].join(timeout=30)
+        assert seen["mapping"] == mapping and len(mapping) == 5
+        # with nothing being registered there is nothing to wait for
+        start = time.monotonic()
+        assert dict(fast_dispatch.simulated_partitions(wait_s=30)) == mapping
+        assert time.monotonic() - start < 1
+    finally:
+        vce_api._register_nodes = original

@@ -61,6 +61,9 @@ _stored = 0
 _stored_changed = threading.Condition()
 _STOCK_REGISTER: Callable[..., dict[int, int]] | None = getattr(vce_api, "_register_nodes", None)
 _simulated_nodes: dict[int, int] = {}  # node id -> partition id of the newest simulation here
+_registered = threading.Event()  # cleared while simulated nodes are being registered here
+_registered.set()
+REGISTRATION_WAIT_S = 300.0  # registering 100,000 nodes takes seconds; a bound, not an expected wait
 _INTERNALS = ("lock", "message_ins_store", "_check_stored_messages")
 
 
@@ -143,16 +146,25 @@ def _register_nodes(num_nodes: int, state_factory: Any) -> dict[int, int]:
     partition id, the ``partition-id`` each node's ``node_config`` gets) to
     :func:`simulated_partitions`."""
     assert _STOCK_REGISTER is not None
-    mapping = _STOCK_REGISTER(num_nodes, state_factory)
-    _simulated_nodes.clear()
-    _simulated_nodes.update(mapping)
-    return mapping
+    _registered.clear()  # before the first node exists: whoever sees a node waits for the mapping
+    try:
+        _simulated_nodes.clear()
+        _simulated_nodes.update(_STOCK_REGISTER(num_nodes, state_factory))
+    finally:
+        _registered.set()
+    return dict(_simulated_nodes)
 
 
-def simulated_partitions() -> Mapping[int, int]:
+def simulated_partitions(wait_s: float = REGISTRATION_WAIT_S) -> Mapping[int, int]:
     """Node id -> partition id of the simulated nodes of the newest simulation started in this
     process (empty in a deployment, or when Flower's internals changed): the answer a ``query``
-    message would get from each of them, without the message. A read-only view, not a copy."""
+    message would get from each of them, without the message. A read-only view, not a copy.
+
+    While this process is registering simulated nodes, waits (up to ``wait_s`` s) for the
+    whole mapping: Flower creates the nodes one by one, and the ServerApp, already running,
+    sees them as they appear; reading the mapping then would find it empty and send hundreds
+    of query messages in round 1 (it did, in some runs: a race)."""
+    _registered.wait(wait_s)
     return MappingProxyType(_simulated_nodes)
 
 
@@ -223,6 +235,7 @@ def internals_problems() -> list[str]:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrep.flower_runtime import batching  # imports Ray: simulation only (see install)
+    from fedrep.flower_runtime.shared_content import message_layout_problem
 
     problems = []
     params = getattr(vce_api, "add_messages_to_queue", None)
@@ -251,6 +264,9 @@ def internals_problems() -> list[str]:
             "messageins_queue", "messageres_queue", "node_info_store", "backend", "f_stop", "metrics"]:
         problems.append("vce_api.worker(messageins_queue, messageres_queue, node_info_store, backend, "
                         "f_stop, metrics) changed")
+    layout = message_layout_problem()
+    if layout is not None:
+        problems.append(layout)
     backend_source = inspect.getsource(batching.STOCK_BACKEND.__init__)
     if "self.client_resources " not in backend_source or "from .backend.raybackend import RayBackend" \
             not in inspect.getsource(vce_api.start_vce):

@@ -13,11 +13,12 @@ What this does instead, simulation only (a deployment's SuperNodes are untouched
 * :class:`BatchClientAppActor` receives the ClientApp loader once, when it starts, and runs a
   *list* of (message, context) jobs per call, one after the other, returning one
   :class:`Outcome` per job (its reply, or the error Flower would have made of its exception).
-  Messages of one call that carry the same content object (a round's model, sent to every
-  sampled node) are pickled once.
+  A content that many messages carry (a round's model, sent to every sampled node) goes
+  through Ray's object store once and each actor fetches it once
+  (:mod:`fedrep.flower_runtime.shared_content`), not once per call.
 * :class:`BatchedRayBackend` (a Flower ``RayBackend``) keeps one call in flight per actor, as
   Flower does, but does the driver's share of a call while the actors work: the next call's
-  jobs are put in Ray's object store ahead (:class:`PreparedCall`), and when a call ends the
+  jobs are pickled ahead (:class:`PreparedCall`), and when a call ends the
   next one starts before its replies are read. A call prepared ahead waits on the driver for
   whichever actor frees first, never queued at a busy actor (two calls queued per actor would
   leave the second behind a client that hangs: tests/test_run_folder.py's hanging client).
@@ -62,6 +63,8 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 from flwr.supercore import log
+
+from fedrep.flower_runtime.shared_content import ContentCache, ContentShare, Payload
 
 ENV_VAR = "FEDREP_RAY_BATCH"
 DEFAULT_MAX_BATCH = 32
@@ -166,20 +169,21 @@ class BatchClientAppActor:
 
     def __init__(self, app_fn: Callable[[], ClientApp]) -> None:
         self._app_fn = app_fn
+        self._contents = ContentCache()
 
-    def run_batch(self, jobs: list[tuple[Message, Context]]) -> list[Outcome]:
-        return arrays_out_of_band(run_jobs(self._app_fn, jobs))
+    def run_batch(self, payload: Payload) -> list[Outcome]:
+        return arrays_out_of_band(run_jobs(self._app_fn, self._contents.jobs(payload)))
 
 
 @dataclass
 class PreparedCall:
     """One actor call made ready while the actors are busy: its messages, the (message, context)
-    jobs already in Ray's object store, and error replies for messages that could not become a
-    job (an unknown node or run)."""
+    jobs already pickled into its payload, and error replies for messages that could not become
+    a job (an unknown node or run)."""
 
     batch: list[Message]
     jobs: list[tuple[int, Message, Context]]  # (index in batch, message, the node's context)
-    jobs_ref: Any  # ray.ObjectRef of [(message, context), ...]; None when there is no job
+    payload: Payload | None  # what the call carries; None when there is no job
     early: dict[int, Message]
 
 
@@ -204,6 +208,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._deferred: list[Message] = []  # taken, but their node was busy: they go first later
         self._idle_threads = 0  # worker threads waiting for a message (they take new work at once)
         self._next_actor = 0
+        self._share = ContentShare()  # a round's model through the object store once (see its module)
         self.calls = self.messages = self.largest_call = 0
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
@@ -234,8 +239,8 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._free.put(actor)
 
     def prepare(self, batch: list[Message], node_info_store: dict[int, Any]) -> PreparedCall:
-        """The call for ``batch``: each node's context as it is now, the jobs pickled into Ray's
-        object store (the driver's work before a call, done while the actors are busy)."""
+        """The call for ``batch``: each node's context as it is now, the jobs pickled into its
+        payload (the driver's work before a call, done while the actors are busy)."""
         early: dict[int, Message] = {}
         jobs: list[tuple[int, Message, Context]] = []
         for i, message in enumerate(batch):
@@ -249,15 +254,15 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
             self.calls += 1
             self.messages += len(batch)
             self.largest_call = max(self.largest_call, len(batch))
-        jobs_ref = None
+        payload = None
         if jobs:
             try:
-                jobs_ref = ray.put([(message, context) for _, message, context in jobs])
+                payload = self._share.payload([(message, context) for _, message, context in jobs])
             except Exception as ex:  # content that does not pickle: each message's error, as a failed call
                 early.update({i: _error_reply(message, ErrorCode.UNKNOWN, error_reason(ex))
                               for i, message, _ in jobs})
                 jobs = []
-        return PreparedCall(batch, jobs, jobs_ref, early)
+        return PreparedCall(batch, jobs, payload, early)
 
     def next_call(self, waiting: Queue[Message], node_info_store: dict[int, Any], timeout: float,
                   prepared: bool = True) -> PreparedCall | None:
@@ -316,7 +321,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
 
     def submit(self, actor: Any, call: PreparedCall) -> Any:
         """Start ``call`` on ``actor``; its pending result (None when the call has no job)."""
-        pending = actor.run_batch.remote(call.jobs_ref) if call.jobs_ref is not None else None
+        pending = actor.run_batch.remote(call.payload) if call.payload is not None else None
         with self._lock:
             self._let_go(call.batch)  # running now (see _busy)
         return pending
@@ -360,7 +365,8 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         with self._lock:
             actor = self._actors[self._next_actor % len(self._actors)]
             self._next_actor += 1
-        outcome = arrays_in_band(ray.get(actor.run_batch.remote([(message, context)])))[0]
+        payload = self._share.payload([(message, context)])
+        outcome = arrays_in_band(ray.get(actor.run_batch.remote(payload)))[0]
         if outcome.error_code is not None:
             raise ClientAppException(outcome.reason)
         assert outcome.reply is not None
@@ -370,7 +376,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         """One line: how the messages went out (``fedrep run --verbose`` logs it at the end)."""
         return (f"{type(self).__name__}: {self.messages} messages in {self.calls} actor calls "
                 f"(at most {self.largest_call} a call, FEDREP_RAY_BATCH={self.max_batch}) on "
-                f"{len(self._actors)} actors")
+                f"{len(self._actors)} actors; {self._share.puts} shared contents through the object store")
 
     def terminate(self) -> None:
         log(DEBUG, self.tally())
