@@ -13,7 +13,9 @@ Measures, side by side in one invocation:
   (``--rounds N``: the median of rounds 2 to N+1, steadier on a machine whose speed drifts;
   ``--repeats K``: K simulations, each between two runs of the reference, each ratio against
   the mean of the two references beside it, the median ratio reported: this machine's speed
-  drifts by more than the differences measured here, so one pair of runs can mislead);
+  drifts by more than the differences measured here, so one pair of runs can mislead; every
+  reference first waits until the machine is idle, so that nothing left of a simulation can
+  slow it and flatter the ratios: on this machine it never had to wait beyond the first check);
 * flower-dispatch: the same with ``FEDREP_DISPATCH=flower``, i.e. Flower's own per-node message
   dispatch loop instead of :mod:`fedrep.flower_runtime` (what the one-pass dispatcher saves);
 * stock: the same again with ``bench/stock_clientapp.py``, a ClientApp that re-parses the config,
@@ -145,6 +147,36 @@ def flower_round(settings: dict, workdir: Path, client_app: str | None = None,
     return statistics.median(float(row["round-seconds"]) for row in RunDir(run_dir).read_metrics()[1:])
 
 
+def busy_fraction(window_s: float) -> float | None:
+    """The share of all CPUs' time not idle over ``window_s`` seconds (``/proc/stat``; None
+    where there is none)."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+    first = sample()
+    time.sleep(window_s)
+    second = sample()
+    if first is None or second is None or second[0] == first[0]:
+        return None
+    return 1 - (second[1] - first[1]) / (second[0] - first[0])
+
+
+def wait_until_quiet(max_s: float = 60.0, busy_below: float = 0.1, window_s: float = 0.5) -> float:
+    """Wait until the machine is idle (under ``busy_below`` of its CPUs busy over ``window_s``),
+    at most ``max_s`` s; the seconds waited. A reference timed beside the last of a simulation's
+    Ray processes would run slow and flatter every ratio against it; the bench records the
+    waits (``quiet-waits-s``) so that a run shows whether that happened."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        busy = busy_fraction(window_s)
+        if busy is None or busy < busy_below:
+            break
+    return time.monotonic() - start
+
+
 def interleaved_ratios(timed: Sequence[float], references: Sequence[float], workers: int) -> list[float]:
     """``timed[i]`` over the ideal of the references run just before and just after it
     (``references[i]`` and ``references[i + 1]``, their mean over ``workers``): each ratio
@@ -190,27 +222,39 @@ def main() -> None:
     # machine's speed drifts by several percent over the minutes a run takes.
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
-    references = [reference_round(cfg, server_round=2)]
-    parallels = [parallel_reference_round(settings, 2, workers)]
+    waited = [wait_until_quiet()]
+
+    def quiet_reference() -> float:
+        waited.append(wait_until_quiet())
+        return reference_round(cfg, server_round=2)
+
+    def quiet_parallel() -> float:
+        waited.append(wait_until_quiet())
+        return parallel_reference_round(settings, 2, workers)
+
+    references, parallels = [quiet_reference()], [quiet_parallel()]
     with tempfile.TemporaryDirectory(prefix="fedrep-bench-") as tmp:
         flower_runs = []
         for repeat in range(args.repeats):
             flower_runs.append(flower_round(settings, Path(tmp), rounds=args.rounds, repeat=repeat))
             if repeat < args.repeats - 1:
-                references.append(reference_round(cfg, server_round=2))
+                references.append(quiet_reference())
+                parallels.append(quiet_parallel())
         dispatch_s = None if args.no_flower_dispatch else flower_round(settings, Path(tmp), dispatch="flower")
         stock_s = None if args.no_stock else flower_round(settings, Path(tmp), "bench.stock_clientapp:app")
         usual_s = (None if args.no_usual or cfg.strategy != "fedrep" else
                    flower_round(settings, Path(tmp), "bench.usual_clientapp:app"))
     # The last simulation's reference after it comes after the other runs (as with one repeat).
-    references.append(reference_round(cfg, server_round=2))
-    parallels.append(parallel_reference_round(settings, 2, workers))
+    references.append(quiet_reference())
+    parallels.append(quiet_parallel())
     ratios = interleaved_ratios(flower_runs, references, workers)
+    # against the plain loop in as many processes, run beside each simulation the same way
+    plain_ratios = interleaved_ratios(flower_runs, parallels, 1)
     median_at = sorted(range(len(ratios)), key=ratios.__getitem__)[(len(ratios) - 1) // 2]
     flower_s = flower_runs[median_at]
-    # the reference beside the median run (the mean of all of them with one repeat)
+    # the references beside the median run (the mean of all of them with one repeat)
     reference_s = (references[median_at] + references[median_at + 1]) / 2
-    parallel_s = sum(parallels) / 2
+    parallel_s = (parallels[median_at] + parallels[median_at + 1]) / 2
     ideal_s = reference_s / workers
     trained = len(sample_clients(cfg.seed, 2, range(cfg.num_clients), cfg.fraction_train))
     calls = trained + cfg.num_clients  # train + evaluate messages in the round
@@ -224,7 +268,9 @@ def main() -> None:
         "parallel-plain-s": parallel_s, "parallel-plain-over-ideal": parallel_s / ideal_s,
         "flower-over-parallel-plain": flower_s / parallel_s,
         "repeats": len(flower_runs), "flower-repeats-s": flower_runs, "references-s": references,
-        "flower-over-ideal-repeats": ratios,
+        "flower-over-ideal-repeats": ratios, "flower-over-parallel-plain-repeats": plain_ratios,
+        "flower-over-parallel-plain-median": statistics.median(plain_ratios),
+        "quiet-waits-s": waited,
     }
     if dispatch_s is not None:
         result.update({"flower-dispatch-s": dispatch_s, "flower-dispatch-over-ideal": dispatch_s / ideal_s,
@@ -248,8 +294,9 @@ def main() -> None:
         f"before {references[0]:.2f}, after {references[1]:.2f})" if len(references) == 2 else
         "runs " + ", ".join(f"{r:.2f}" for r in references) + "; the two beside the median run count)"))
     print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
-    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   "
-          f"(before {parallels[0]:.2f}, after {parallels[1]:.2f})")
+    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   (" + (
+        f"before {parallels[0]:.2f}, after {parallels[1]:.2f})" if len(parallels) == 2 else
+        "runs " + ", ".join(f"{r:.2f}" for r in parallels) + "; the two beside the median run count)"))
     print(f"  Flower simulation:     {flower_s:8.2f} s   {calls / flower_s:8.1f} calls/s")
     if dispatch_s is not None:
         print(f"  Flower's dispatch:     {dispatch_s:8.2f} s   {calls / dispatch_s:8.1f} calls/s")
@@ -260,7 +307,10 @@ def main() -> None:
              if len(ratios) > 1 else ""))
     print(f"  Flower / reference   = {flower_s / reference_s:.2f}x")
     print(f"  plain {workers} procs / ideal = {parallel_s / ideal_s:.2f}x   (Flower / plain {workers} procs "
-          f"= {flower_s / parallel_s:.2f}x)")
+          f"= {flower_s / parallel_s:.2f}x" + (
+              f"; median of {len(plain_ratios)}: {statistics.median(plain_ratios):.2f}x: "
+              + ", ".join(f"{r:.2f}x" for r in plain_ratios) if len(plain_ratios) > 1 else "") + ")")
+    print(f"  waited for an idle machine before the references: {sum(waited):.1f} s in all")
     if dispatch_s is not None:
         print(f"  Flower's dispatch / fast dispatch = {dispatch_s / flower_s:.2f}x")
     if stock_s is not None:

@@ -1,10 +1,12 @@
-"""bench/: round_overhead.py's interleaved ratios; gpu_round.py's CPU side and its refusal without a GPU."""
+"""bench/: round_overhead.py's interleaved ratios; gpu_round.py's CPU side and its refusal without a GPU;
+ray_call.py's table."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from bench.round_overhead import interleaved_ratios
+from bench.round_overhead import busy_fraction, interleaved_ratios, wait_until_quiet
 
 
 def test_each_run_is_divided_by_the_ideal_of_the_references_around_it() -> None:
@@ -53,3 +55,48 @@ def test_gpu_round_reports_a_failing_worker_instead_of_waiting(tmp_path) -> None
     write_cifar_folder(tmp_path, "cifar10", per_batch=2)  # a class with no test image
     with pytest.raises(RuntimeError, match="worker failed: worker 0: PartitionError: .* no test images"):
         timed_round(settings_for(str(tmp_path), clients=4, fraction=0.5), "cpu", workers=1)
+
+
+def test_ray_call_reports_the_driver_and_raylet_cost_of_each_way_of_sending_jobs(tmp_path) -> None:
+    """bench/ray_call.py on a real private Ray: a row per reply size and way of sending the jobs."""
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ray_call.py"
+    out = tmp_path / "ray_call.json"
+    done = subprocess.run([sys.executable, str(script), "--calls", "20", "--sizes", "0", "300000",
+                           "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["reply_bytes"], r["jobs"]) for r in rows] == [
+        (0, "ray.put"), (0, "in the call"), (300000, "ray.put"), (300000, "in the call")]
+    assert all(r["wall_ms"] > 0 and r["driver_cpu_ms"] >= 0 and r["raylet_cpu_ms"] >= 0 for r in rows)
+
+
+def test_the_references_wait_for_an_idle_machine_but_not_forever() -> None:
+    """A busy machine (a thread spinning here) is seen as busy; the wait gives up at its bound."""
+    import os
+    import threading
+    import time
+
+    busy = busy_fraction(0.2)
+    if busy is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= busy <= 1.0
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        one_core = 1 / (os.cpu_count() or 1)
+        assert busy_fraction(0.3) > 0.6 * one_core  # one core spins
+        start = time.monotonic()
+        waited = wait_until_quiet(max_s=1.0, busy_below=0.6 * one_core, window_s=0.2)
+        assert 1.0 <= waited < 3.0 and time.monotonic() - start < 3.0
+    finally:
+        stop.set()
+        spinner.join()
