@@ -145,11 +145,11 @@ _decoded: list[tuple[ArrayRecord, dict[str, torch.Tensor]]] = []  # the newest d
 
 
 def _shared_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The tensors of the shared part a message carries, decoded once per record *object*: the
-    messages of one simulated actor call that carry the same round model arrive as one object
-    (pickled once), so a call of 32 messages decodes it once, not 32 times. The record is kept
-    with its tensors, so its identity cannot be reused while cached; callers only read them
-    (``load_state_dict`` copies)."""
+    """The tensors of the shared part a message carries, decoded once per record *object*: in a
+    simulation, the messages that carry the round's model reach each actor as one object for the
+    whole phase (``fedrep/flower_runtime/shared_content.py``), so it is decoded once per phase
+    and actor, not once per message. The record is kept with its tensors, so its identity cannot
+    be reused while cached; callers only read them (``load_state_dict`` copies)."""
     if _decoded and _decoded[0][0] is record:
         return _decoded[0][1]
     tensors = from_record_torch(record)

@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
+from flwr.app.error import Error
 
 SHARE_MIN_BYTES = 64 * 1024  # below this a content rides inline (Ray inlines small call arguments too)
 KEEP = 4  # contents remembered on each side: a round's train and evaluate ones, with room to spare
@@ -65,7 +66,7 @@ class Job:
 
     metadata: Metadata
     content: RecordDict | SharedContent | None
-    error: Any
+    error: Error | None
     context: Context
 
 
@@ -81,7 +82,7 @@ class ContentShare:
 
     def __init__(self, min_bytes: int = SHARE_MIN_BYTES, keep: int = KEEP) -> None:
         self.min_bytes, self.keep = min_bytes, keep
-        self._shared: OrderedDict[int, tuple[RecordDict, SharedContent]] = OrderedDict()
+        self._shared: OrderedDict[int, tuple[RecordDict, SharedContent, Any]] = OrderedDict()  # + ref
         self._seen: OrderedDict[int, tuple[RecordDict, bool]] = OrderedDict()  # content, big enough
         self._serial = itertools.count(1)
         self._lock = threading.Lock()
@@ -98,32 +99,31 @@ class ContentShare:
                 if not message.has_content():
                     jobs.append(Job(message.metadata, None, message.error, context))
                     continue
-                content = self._content(message.content, copies[id(message.content)] > 1)
-                if isinstance(content, tuple):
-                    handle, ref = content
-                    refs[handle.key], content = ref, handle
+                content, ref = self._content(message.content, copies[id(message.content)] > 1)
+                if isinstance(content, SharedContent):
+                    refs[content.key] = ref
                 jobs.append(Job(message.metadata, content, None, context))
         return Payload(pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL), refs)
 
-    def _content(self, content: RecordDict, repeated: bool) -> RecordDict | tuple[SharedContent, Any]:
-        """``content`` itself, or its handle and object-store reference."""
+    def _content(self, content: RecordDict, repeated: bool) -> tuple[RecordDict | SharedContent, Any]:
+        """(``content`` itself, None), or (its handle, its object-store reference)."""
         key = id(content)
         shared = self._shared.get(key)
         if shared is not None and shared[0] is content:
             self._shared.move_to_end(key)
-            return shared[1]
+            return shared[1], shared[2]
         seen = self._seen.get(key)
         if seen is None or seen[0] is not content:
             seen = (content, content_bytes(content) >= self.min_bytes)
             _remember(self._seen, key, seen, self.keep)
             if not repeated:
-                return content
+                return content, None
         if not seen[1]:
-            return content
-        handle = (SharedContent(next(self._serial)), ray.put(content))
+            return content, None
+        handle, ref = SharedContent(next(self._serial)), ray.put(content)
         self.puts += 1
-        _remember(self._shared, key, (content, handle), self.keep)
-        return handle
+        _remember(self._shared, key, (content, handle, ref), self.keep)
+        return handle, ref
 
 
 class ContentCache:
@@ -156,7 +156,7 @@ class ContentCache:
         return cached
 
 
-def rebuild_message(metadata: Metadata, content: RecordDict | None, error: Any) -> Message:
+def rebuild_message(metadata: Metadata, content: RecordDict | None, error: Error | None) -> Message:
     """A Message with these parts, built as unpickling builds one (``Message.__init__`` would
     reset ``metadata.delivered_at`` and re-check what the driver already checked);
     ``flower_runtime.internals_problems`` checks that Flower 1.41's layout still holds."""
