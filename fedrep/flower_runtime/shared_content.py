@@ -38,7 +38,8 @@ from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 from flwr.app.error import Error
 
 SHARE_MIN_BYTES = 64 * 1024  # below this a content rides inline (Ray inlines small call arguments too)
-KEEP = 4  # contents remembered on each side: a round's train and evaluate ones, with room to spare
+KEEP = 4  # contents the driver remembers: a round's train and evaluate ones, with room to spare
+ACTOR_KEEP = 2  # contents each actor keeps: a phase reads one; every model kept costs its size per actor
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class ContentShare:
 class ContentCache:
     """Actor side: the shared contents fetched so far, newest kept, each fetched once."""
 
-    def __init__(self, keep: int = KEEP) -> None:
+    def __init__(self, keep: int = ACTOR_KEEP) -> None:
         self.keep = keep
         self._contents: OrderedDict[int, RecordDict] = OrderedDict()
         self.fetches = 0
