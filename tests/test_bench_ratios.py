@@ -100,3 +100,27 @@ def test_the_references_wait_for_an_idle_machine_but_not_forever() -> None:
     finally:
         stop.set()
         spinner.join()
+
+
+@pytest.mark.e2e
+def test_process_cpu_counts_each_process_of_real_runs_per_variant(tmp_path) -> None:
+    """bench/process_cpu.py: two variants of this tree, real simulations, CPU from /proc."""
+    import json
+    import subprocess
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, str(root / "bench" / "process_cpu.py"), str(root),
+                           f"{root},FEDREP_RAY_BATCH=1", "--pairs", "1", "--rounds", "5",
+                           "--set", "dataset=linear-synthetic", "--set", "model=linear",
+                           "--set", "num-clients=40", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["means"]) == [str(root), f"{root},FEDREP_RAY_BATCH=1"]
+    for mean in result["means"].values():
+        assert set(mean) == {"round-s", "actor", "driver", "raylet", "gcs"}
+        assert mean["round-s"] > 0 and mean["actor"] + mean["driver"] > 0
+    assert "round" in done.stdout and "of the first" in done.stdout

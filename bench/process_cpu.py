@@ -1,0 +1,139 @@
+"""CPU seconds per round of each process of a simulation (driver, client actors, raylet, GCS),
+for A/B comparisons of code trees or environment settings, interleaved.
+
+Why: on this 2-core machine the wall-clock time of a round drifts by more than the changes
+worth measuring (the same plain loop took 5.6 to 8.3 s within half an hour), while the CPU
+each process spends per round moves much less. A change to the simulation's plumbing shows up
+as CPU moved between the driver, the raylet and the actors; this counts it from ``/proc``
+between the end of round 2 and the end of round ``R - 1`` of a real ``fedrep run``.
+
+    # this tree against another checkout, 3 interleaved pairs, 1,000 one-batch clients
+    python bench/process_cpu.py --pairs 3 . /path/to/other/checkout
+    # environment variants of one tree: DIR,NAME=VALUE,...
+    python bench/process_cpu.py . .,FEDREP_RAY_BATCH=8
+
+Linux only (``/proc``). Writes ``bench/out/process_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# 1,000 FedAvg clients of one batch each: what bench/round_overhead.py --tiny runs
+TINY = {"fraction-train": 1.0, "strategy": "fedavg", "num-clients": 1000, "max-train-per-client": 10,
+        "max-test-per-client": 10, "batch-size": 10, "local-epochs": 1, "final-finetune-epochs": 0,
+        "model": "cnn"}
+KINDS = {"actor": "ClientAppActor", "driver": "fedrep.cli run", "raylet": "raylet/raylet",
+         "gcs": "gcs_server"}
+
+
+def process_ticks() -> dict[str, tuple[str, int]]:
+    """pid -> (kind, user + system clock ticks) for the processes of a simulation."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        kind = next((name for name, mark in KINDS.items() if mark in command), None)
+        if kind is not None:
+            found[pid] = (kind, int(fields[11]) + int(fields[12]))
+    return found
+
+
+def cpu_per_round(before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]],
+                  rounds: int) -> dict[str, float]:
+    """CPU seconds per round by kind, over processes alive at both samples."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {kind: 0.0 for kind in KINDS}
+    for pid, (kind, ticks) in after.items():
+        if pid in before:
+            out[kind] += (ticks - before[pid][1]) / tick / rounds
+    return out
+
+
+def measure(variant: str, settings: dict, rounds: int, timeout: float = 1800) -> dict[str, float]:
+    """One run of ``variant`` (``DIR[,NAME=VALUE...]``): seconds and CPU seconds per round."""
+    folder, *assignments = variant.split(",")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    env.update(item.split("=", 1) for item in assignments)
+    with tempfile.TemporaryDirectory(prefix="fedrep-cpu-") as tmp:
+        metrics = Path(tmp) / "run" / "metrics.csv"
+        cmd = [sys.executable, "-m", "fedrep.cli", "run", "--rounds", str(rounds),
+               "--set", f"run-dir={Path(tmp) / 'run'}"]
+        for key, value in settings.items():
+            cmd += ["--set", f"{key}={value}"]
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def done_rounds() -> int:
+            try:
+                return max(0, len(metrics.read_text().splitlines()) - 1)
+            except OSError:
+                return 0
+
+        def wait_for(count: int) -> None:
+            deadline = time.monotonic() + timeout
+            while done_rounds() < count:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"{variant}: the run ended before round {count}: "
+                                       f"{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+                time.sleep(0.05)
+
+        wait_for(2)  # round 1 starts Ray and loads data
+        before, start = process_ticks(), time.monotonic()
+        wait_for(rounds - 1)  # the last round may write its end-of-run files
+        after, end = process_ticks(), time.monotonic()
+        counted = rounds - 3
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant}: fedrep run exited {proc.returncode}: {err.decode()[-2000:]}")
+    return {"round-s": (end - start) / counted, **cpu_per_round(before, after, counted)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="+", help="DIR[,NAME=VALUE...]: a checkout to run from, "
+                        "and environment settings; the first is the baseline")
+    parser.add_argument("--pairs", type=int, default=2, help="interleaved runs of every variant")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per run (rounds 3..R-1 counted)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config settings over the tiny-client defaults")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "process_cpu.json")
+    args = parser.parse_args()
+    if args.rounds < 4:
+        parser.error("--rounds: at least 4 (rounds 3 to R-1 are counted)")
+    settings = {**TINY, **dict(item.split("=", 1) for item in args.overrides)}
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
+    for pair in range(args.pairs):
+        for variant in args.variants:
+            row = measure(variant, settings, args.rounds)
+            runs[variant].append(row)
+            print(f"{pair} {variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    means = {v: {k: statistics.mean(r[k] for r in rows) for k in rows[0]} for v, rows in runs.items()}
+    base = args.variants[0]
+    print("\nmean per round (CPU seconds by process, round wall seconds):")
+    for variant, mean in means.items():
+        total = sum(mean[k] for k in KINDS)
+        relative = mean["round-s"] / means[base]["round-s"]
+        ratio = "" if variant == base else f"   round {relative:.2f}x of the first"
+        print(f"  {variant}: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items())
+              + f", all CPU {total:.3f}{ratio}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": settings, "rounds": args.rounds, "runs": runs,
+                                    "means": means}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
