@@ -35,31 +35,35 @@ KINDS = {"actor": "ClientAppActor", "driver": "fedrep.cli run", "raylet": "rayle
          "gcs": "gcs_server"}
 
 
-def process_ticks() -> dict[str, tuple[str, int]]:
-    """pid -> (kind, user + system clock ticks) for the processes of a simulation."""
+def cpu_seconds(pid: str) -> float:
+    """User + system CPU seconds process ``pid`` has used (``/proc/PID/stat``); OSError when gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_seconds() -> dict[str, tuple[str, float]]:
+    """pid -> (kind, CPU seconds used) for the processes of a simulation."""
     found = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            kind = next((name for name, mark in KINDS.items() if mark in command), None)
+            if kind is not None:
+                found[pid] = (kind, cpu_seconds(pid))
         except OSError:
             continue
-        kind = next((name for name, mark in KINDS.items() if mark in command), None)
-        if kind is not None:
-            found[pid] = (kind, int(fields[11]) + int(fields[12]))
     return found
 
 
-def cpu_per_round(before: dict[str, tuple[str, int]], after: dict[str, tuple[str, int]],
+def cpu_per_round(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
                   rounds: int) -> dict[str, float]:
     """CPU seconds per round by kind, over processes alive at both samples."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {kind: 0.0 for kind in KINDS}
-    for pid, (kind, ticks) in after.items():
+    for pid, (kind, seconds) in after.items():
         if pid in before:
-            out[kind] += (ticks - before[pid][1]) / tick / rounds
+            out[kind] += (seconds - before[pid][1]) / rounds
     return out
 
 
@@ -92,9 +96,9 @@ def measure(variant: str, settings: dict, rounds: int, timeout: float = 1800) ->
                 time.sleep(0.05)
 
         wait_for(2)  # round 1 starts Ray and loads data
-        before, start = process_ticks(), time.monotonic()
+        before, start = process_seconds(), time.monotonic()
         wait_for(rounds - 1)  # the last round may write its end-of-run files
-        after, end = process_ticks(), time.monotonic()
+        after, end = process_seconds(), time.monotonic()
         counted = rounds - 3
         _, err = proc.communicate(timeout=timeout)
         if proc.returncode != 0:

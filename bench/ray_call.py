@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.process_cpu import cpu_seconds  # noqa: E402
 
 JOBS, JOB_BYTES = 32, 2000
 
@@ -41,11 +47,6 @@ def _driver_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _process_cpu(pid: str) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(actors, raylet: str, size: int, put_jobs: bool, calls: int) -> dict[str, float]:
     """Per call: wall ms, driver CPU ms, raylet CPU ms."""
     def loop(actor) -> None:
@@ -54,7 +55,7 @@ def measure(actors, raylet: str, size: int, put_jobs: bool, calls: int) -> dict[
             ray.get(actor.run.remote(ray.put(jobs) if put_jobs else jobs, size))
 
     threads = [threading.Thread(target=loop, args=(actor,)) for actor in actors]
-    driver0, raylet0, wall0 = _driver_cpu(), _process_cpu(raylet), time.perf_counter()
+    driver0, raylet0, wall0 = _driver_cpu(), cpu_seconds(raylet), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -62,7 +63,7 @@ def measure(actors, raylet: str, size: int, put_jobs: bool, calls: int) -> dict[
     per_call = 1e3 / calls
     return {"wall_ms": (time.perf_counter() - wall0) * per_call,
             "driver_cpu_ms": (_driver_cpu() - driver0) * per_call,
-            "raylet_cpu_ms": (_process_cpu(raylet) - raylet0) * per_call}
+            "raylet_cpu_ms": (cpu_seconds(raylet) - raylet0) * per_call}
 
 
 def main() -> None:
