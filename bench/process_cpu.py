@@ -41,12 +41,33 @@ def cpu_seconds(pid: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_seconds() -> dict[str, tuple[str, float]]:
-    """pid -> (kind, CPU seconds used) for the processes of a simulation."""
-    found = {}
+def parent_pid(pid: str) -> str:
+    """The parent of process ``pid`` (``/proc/PID/stat``); OSError when gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+
+
+def descendants(root: str) -> set[str]:
+    """``root`` and every process below it: one simulation's Ray (its raylet and GCS are the
+    driver's children, the actors the raylet's), not another run's sharing the machine."""
+    children: dict[str, list[str]] = {}
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+        if pid.isdigit():
+            try:
+                children.setdefault(parent_pid(pid), []).append(pid)
+            except OSError:
+                continue
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def process_seconds(root: str) -> dict[str, tuple[str, float]]:
+    """pid -> (kind, CPU seconds used) for the processes of the simulation under ``root``."""
+    found = {}
+    for pid in descendants(root):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             kind = next((name for name, mark in KINDS.items() if mark in command), None)
@@ -96,9 +117,9 @@ def measure(variant: str, settings: dict, rounds: int, timeout: float = 1800) ->
                 time.sleep(0.05)
 
         wait_for(2)  # round 1 starts Ray and loads data
-        before, start = process_seconds(), time.monotonic()
+        before, start = process_seconds(str(proc.pid)), time.monotonic()
         wait_for(rounds - 1)  # the last round may write its end-of-run files
-        after, end = process_seconds(), time.monotonic()
+        after, end = process_seconds(str(proc.pid)), time.monotonic()
         counted = rounds - 3
         _, err = proc.communicate(timeout=timeout)
         if proc.returncode != 0:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.process_cpu import cpu_seconds  # noqa: E402
+from bench.process_cpu import cpu_seconds, parent_pid  # noqa: E402
 
 JOBS, JOB_BYTES = 32, 2000
 
@@ -40,6 +40,9 @@ class Replier:
 
     def run(self, jobs, size: int):
         return np.ones(size // 4, np.float32) if size else [0] * JOBS
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def _driver_cpu() -> float:
@@ -77,7 +80,8 @@ def main() -> None:
     try:
         actors = [Replier.remote() for _ in range(2)]
         ray.get([actor.run.remote(None, 0) for actor in actors])
-        raylet = subprocess.check_output(["pgrep", "-f", "raylet/raylet"]).split()[0].decode()
+        # this Ray's raylet: the actors' parent (another Ray on the machine has its own)
+        raylet = parent_pid(str(ray.get(actors[0].pid.remote())))
         rows = []
         for size in args.sizes:
             for put_jobs in (True, False):

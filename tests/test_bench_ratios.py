@@ -102,6 +102,39 @@ def test_the_references_wait_for_an_idle_machine_but_not_forever() -> None:
         spinner.join()
 
 
+def test_process_cpu_counts_only_the_processes_under_its_own_run() -> None:
+    """Another run's raylet on the machine (as under pytest -n 2) is not counted: the tree is."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("no /proc here")
+    from bench.process_cpu import descendants, parent_pid, process_seconds
+
+    # a run: a parent with a grandchild named like a raylet; beside it, an unrelated "raylet"
+    run = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, "
+                            "'-c', 'import time; time.sleep(30)', 'raylet/' + 'raylet'])"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "raylet/raylet"])
+    try:
+        deadline = time.monotonic() + 20
+        while len(descendants(str(run.pid))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = descendants(str(run.pid))
+        assert str(run.pid) in tree and str(other.pid) not in tree and len(tree) == 2
+        (child,) = tree - {str(run.pid)}
+        assert parent_pid(child) == str(run.pid)
+        counted = process_seconds(str(run.pid))
+        assert set(counted) == {child} and counted[child][0] == "raylet"
+        os.kill(int(child), signal.SIGKILL)
+    finally:
+        for proc in (other, run):
+            proc.kill()
+        for proc in (other, run):
+            proc.wait()
+
+
 @pytest.mark.e2e
 def test_process_cpu_counts_each_process_of_real_runs_per_variant(tmp_path) -> None:
     """bench/process_cpu.py: two variants of this tree, real simulations, CPU from /proc."""
