@@ -157,3 +157,26 @@ def test_process_cpu_counts_each_process_of_real_runs_per_variant(tmp_path) -> N
         assert set(mean) == {"round-s", "actor", "driver", "raylet", "gcs"}
         assert mean["round-s"] > 0 and mean["actor"] + mean["driver"] > 0
     assert "round" in done.stdout and "of the first" in done.stdout
+
+
+@pytest.mark.e2e
+def test_scale_bench_times_both_federations_and_checks_what_each_round_served(tmp_path) -> None:
+    """bench/scale.py on real simulations: 50 clients at 20% against 10 at 100% (10 a round
+    either way); memory and seconds per round of each, and every round served all 10."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "scale.py"), "--clients", "50",
+                           "--fraction", "0.2", "--rounds", "2", "--dataset", "linear-synthetic",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    big, small = json.loads((tmp_path / "scale-linear-synthetic-50.json").read_text())
+    assert (big["clients"], small["clients"]) == (50, 10)
+    for run in (big, small):
+        assert run["sampled-per-round"] == 10 and run["rounds"] == 2
+        assert run["served-per-round"] == [{"train-clients": 10, "train-failures": 0,
+                                            "eval-clients": 10, "eval-failures": 0}] * 2
+        assert run["peak-memory-bytes"] > 0 and all(s > 0 for s in run["seconds-per-round"])
+        assert run["final-loss-mean"] is not None
+    assert "seconds per round" in done.stdout and "peak memory" in done.stdout
