@@ -180,3 +180,34 @@ def test_scale_bench_times_both_federations_and_checks_what_each_round_served(tm
         assert run["peak-memory-bytes"] > 0 and all(s > 0 for s in run["seconds-per-round"])
         assert run["final-loss-mean"] is not None
     assert "seconds per round" in done.stdout and "peak memory" in done.stdout
+
+
+def test_pool_runs_gives_each_runs_median_and_the_pooled_verdict(tmp_path) -> None:
+    """bench/pool_runs.py: per-run medians and the pooled median against hand-worked values; a run
+    without the plain-loop ratios only counts for the ratio it has; a wrong file is named."""
+    import json
+    import subprocess
+
+    from bench.pool_runs import pooled
+
+    runs = [{"simulation-commit": "aaa", "flower-over-ideal-repeats": [1.2, 1.6, 1.4]},
+            {"simulation-commit": "bbb", "flower-over-ideal-repeats": [1.5, 1.9],
+             "flower-over-parallel-plain-repeats": [1.1, 1.3]}]
+    ideal = pooled(runs, "flower-over-ideal-repeats", 1.5)
+    assert [r["median"] for r in ideal["runs"]] == [1.4, 1.7]
+    assert ideal["pooled-median"] == 1.5 and ideal["count"] == 5 and ideal["at-or-under-target"] == 3
+    plain = pooled(runs, "flower-over-parallel-plain-repeats", 1.5)
+    assert [r["commit"] for r in plain["runs"]] == ["bbb"] and plain["pooled-median"] == pytest.approx(1.2)
+    assert pooled(runs[:1], "flower-over-parallel-plain-repeats", 1.5) is None
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "pool_runs.py"
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps({"runs": runs}))
+    cmd = [sys.executable, str(script), str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "run 2 (bbb): median 1.70x" in done.stdout
+    assert "pooled: median 1.500x of 5 (range 1.20-1.90); 3 of 5 at or under 1.5x" in done.stdout
+    path.write_text("[]")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "not a runs file" in done.stderr
