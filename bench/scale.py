@@ -23,28 +23,18 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fedrep.results import RunDir
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-    return kids
+from bench.process_cpu import descendants  # noqa: E402
+from fedrep.results import RunDir  # noqa: E402
 
 
 def tree_pss_bytes(root: int) -> int:
     """Sum of Pss over ``root`` and all its descendants (0 for processes that vanished)."""
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(_children(pid))
+    total = 0
+    for pid in descendants(str(root)):
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
