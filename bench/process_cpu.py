@@ -35,15 +35,21 @@ KINDS = {"actor": "ClientAppActor", "driver": "fedrep.cli run", "raylet": "rayle
          "gcs": "gcs_server"}
 
 
+def _stat_fields(pid: str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces and
+    parentheses), from the state on; OSError when the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: str) -> float:
     """User + system CPU seconds process ``pid`` has used (``/proc/PID/stat``); OSError when gone."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parent_pid(pid: str) -> str:
     """The parent of process ``pid`` (``/proc/PID/stat``); OSError when gone."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    return _stat_fields(pid)[1]
 
 
 def descendants(root: str) -> set[str]:

@@ -177,6 +177,14 @@ def wait_until_quiet(max_s: float = 60.0, busy_below: float = 0.1, window_s: flo
     return time.monotonic() - start
 
 
+def _timings(seconds: Sequence[float]) -> str:
+    """How a reference's runs read in the report: before and after the one simulation, or every
+    run when the simulations were repeated."""
+    if len(seconds) == 2:
+        return f"before {seconds[0]:.2f}, after {seconds[1]:.2f}"
+    return "runs " + ", ".join(f"{s:.2f}" for s in seconds) + "; the two beside the median run count"
+
+
 def interleaved_ratios(timed: Sequence[float], references: Sequence[float], workers: int) -> list[float]:
     """``timed[i]`` over the ideal of the references run just before and just after it
     (``references[i]`` and ``references[i + 1]``, their mean over ``workers``): each ratio
@@ -290,13 +298,10 @@ def main() -> None:
     (out / name).write_text(json.dumps(result, indent=2))
     print(f"one {cfg.strategy} round, {cfg.num_clients} clients (fraction {cfg.fraction_train}), "
           f"{cfg.model}, {workers} workers, {calls} client calls")
-    print(f"  reference (1 process): {reference_s:8.2f} s   (" + (
-        f"before {references[0]:.2f}, after {references[1]:.2f})" if len(references) == 2 else
-        "runs " + ", ".join(f"{r:.2f}" for r in references) + "; the two beside the median run count)"))
+    print(f"  reference (1 process): {reference_s:8.2f} s   ({_timings(references)})")
     print(f"  ideal (/{workers} workers):   {ideal_s:8.2f} s   {calls / ideal_s:8.1f} calls/s")
-    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   (" + (
-        f"before {parallels[0]:.2f}, after {parallels[1]:.2f})" if len(parallels) == 2 else
-        "runs " + ", ".join(f"{r:.2f}" for r in parallels) + "; the two beside the median run count)"))
+    print(f"  plain loop, {workers} procs:  {parallel_s:8.2f} s   {calls / parallel_s:8.1f} calls/s   "
+          f"({_timings(parallels)})")
     print(f"  Flower simulation:     {flower_s:8.2f} s   {calls / flower_s:8.1f} calls/s")
     if dispatch_s is not None:
         print(f"  Flower's dispatch:     {dispatch_s:8.2f} s   {calls / dispatch_s:8.1f} calls/s")
