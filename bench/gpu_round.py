@@ -28,6 +28,7 @@ import multiprocessing
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.gpu_simulation import DeviceSampler  # noqa: E402
 from bench.round_overhead import reference_round  # noqa: E402
 from fedrep.config import parse_run_config  # noqa: E402
 
@@ -58,34 +60,6 @@ def _shard(settings: dict, device: str, shard: int, shards: int, barrier, result
         results.put(f"worker {shard}: {type(err).__name__}: {err}")
 
 
-class Utilisation:
-    """GPU utilisation (percent of time a kernel ran) and memory, sampled every 50 ms by NVML."""
-
-    def __init__(self) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        self.samples: list[int] = []
-        self.peak_memory = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-            self.peak_memory = max(self.peak_memory, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
-
-    def __enter__(self) -> Utilisation:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def timed_round(settings: dict, device: str, workers: int) -> dict:
     """Wall seconds of the round's client work in ``workers`` processes started together on
     ``device`` (the slowest worker's), with GPU utilisation when on the GPU."""
@@ -97,11 +71,10 @@ def timed_round(settings: dict, device: str, workers: int) -> dict:
         proc.start()
     try:
         barrier.wait()  # every worker has its data and a warm model
-        if device == "cuda":
-            with Utilisation() as util:
-                times = [results.get() for _ in procs]
-        else:
-            util, times = None, [results.get() for _ in procs]
+        with DeviceSampler(root=None, gpu=device == "cuda", period=0.05) as sampler:
+            start = time.monotonic()
+            times = [results.get() for _ in procs]
+            end = time.monotonic()
     except threading.BrokenBarrierError:
         raise RuntimeError(f"a {device} worker failed: {results.get()}") from None
     finally:
@@ -110,10 +83,8 @@ def timed_round(settings: dict, device: str, workers: int) -> dict:
     if failed := [t for t in times if isinstance(t, str)]:
         raise RuntimeError(f"a {device} worker failed: {failed[0]}")
     out = {"device": device, "workers": workers, "seconds": max(times)}
-    if util is not None and util.samples:
-        busy = util.samples[1:-1] or util.samples  # the first and last straddle start and end
-        out.update({"gpu-utilisation-mean": sum(busy) / len(busy),
-                    "gpu-peak-memory-gib": util.peak_memory / 2**30, "samples": len(busy)})
+    if device == "cuda":
+        out.update(sampler.window(start, end))
     return out
 
 
@@ -148,7 +119,7 @@ def main() -> None:
     for r in rows:
         line = f"  {r['device']:4s} x{r['workers']:<2d} workers: {r['seconds']:8.2f} s"
         if "gpu-utilisation-mean" in r:
-            line += f"   GPU busy {r['gpu-utilisation-mean']:5.1f}%  peak {r['gpu-peak-memory-gib']:.2f} GiB"
+            line += f"   GPU busy {r['gpu-utilisation-mean']:5.1f}%  peak {r['gpu-memory-peak-gib']:.2f} GiB"
         if r["device"] != "cpu" and r["workers"] in cpu:
             line += f"   {cpu[r['workers']] / r['seconds']:.2f}x the CPU with as many workers"
         print(line)

@@ -1,6 +1,7 @@
-"""bench/: round_overhead.py's interleaved ratios; gpu_round.py's CPU side and its refusal without a GPU;
-ray_call.py's table."""
+"""bench/: round_overhead.py's interleaved ratios; gpu_round.py's and gpu_simulation.py's CPU side and
+their refusal without a GPU; ray_call.py's table."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -211,3 +212,73 @@ def test_pool_runs_gives_each_runs_median_and_the_pooled_verdict(tmp_path) -> No
     path.write_text("[]")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "not a runs file" in done.stderr
+
+
+def test_gpu_simulation_summarises_the_samples_inside_the_timed_rounds() -> None:
+    """Cores busy = tree CPU seconds per wall second between the first and last sample inside the
+    window; GPU utilisation is the mean and memory the peak of those samples alone."""
+    from bench.gpu_simulation import DeviceSampler
+
+    sampler = DeviceSampler(root=1, gpu=False)
+    sampler.samples = [(0.0, 1.0, 100, 9 * 2**30),  # before the window: not counted
+                       (1.0, 2.0, 90, 2 * 2**30), (2.0, 5.0, 60, 4 * 2**30), (3.0, 8.0, 30, 3 * 2**30),
+                       (4.0, 50.0, 0, 8 * 2**30)]  # after it
+    summary = sampler.window(1.0, 3.0)
+    assert summary["samples"] == 3
+    assert summary["cpu-cores-busy"] == pytest.approx((8.0 - 2.0) / (3.0 - 1.0))
+    assert summary["gpu-utilisation-mean"] == pytest.approx(60.0)
+    assert summary["gpu-memory-peak-gib"] == pytest.approx(4.0)
+    assert DeviceSampler(root=None, gpu=False).window(0.0, 1.0) == {"samples": 0}
+
+
+def test_gpu_simulation_report_gives_each_gpu_share_as_a_speed_ratio_to_the_cpu_run() -> None:
+    from bench.gpu_simulation import clients_at_a_time, report
+
+    line = ("[fedrep] private local Ray: 1 node, 16 CPUs, 1 GPUs; client-cpus=1 client-gpus=0.25 "
+            "-> 4 clients at a time")
+    assert clients_at_a_time(line) == 4 and clients_at_a_time("no such line") is None
+    cpu = {"client-gpus": 0.0, "clients-at-a-time": 16, "round-seconds-median-after-first": 9.0,
+           "round-1-seconds": 20.0, "cpu-cores-busy": 5.5}
+    gpu = {"client-gpus": 0.25, "clients-at-a-time": 4, "round-seconds-median-after-first": 6.0,
+           "round-1-seconds": 19.0, "cpu-cores-busy": 3.5, "gpu-utilisation-mean": 94.0,
+           "gpu-memory-peak-gib": 6.1}
+    cpu_line, gpu_line = report([cpu, gpu])
+    assert "CPU only" in cpu_line and "16 at a time" in cpu_line and "x the CPU" not in cpu_line
+    assert "client-gpus 0.25" in gpu_line and "GPU busy  94.0%" in gpu_line
+    assert "1.50x the CPU run" in gpu_line
+
+
+def test_gpu_simulation_refuses_a_gpu_share_without_a_gpu() -> None:
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_simulation.py"
+    done = subprocess.run([sys.executable, str(script), "--client-gpus", "0", "0.25"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "no CUDA device here" in done.stderr
+
+
+@pytest.mark.e2e
+def test_gpu_simulation_times_the_paper_cifar10_rounds_through_fedrep_run_on_cpus(tmp_path) -> None:
+    """bench/gpu_simulation.py's CPU run, as CI can run it: a real ``fedrep run`` on
+    CIFAR-10-format files, every round trained and evaluated as sampled, its process tree's CPU
+    sampled between the end of round 1 and the end of the last."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_simulation.py"), "--client-gpus", "0",
+                           "--clients", "20", "--per-batch", "500", "--rounds", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    result = json.loads((tmp_path / "gpu_simulation.json").read_text())
+    (run,) = result["runs"]
+    assert run["client-gpus"] == 0 and run["rounds"] == 3 and len(run["round-seconds"]) == 3
+    assert run["clients-at-a-time"] == min(20, os.cpu_count() or 1)
+    assert run["samples"] > 0 and 0 < run["cpu-cores-busy"] <= (os.cpu_count() or 1) + 0.5
+    assert "gpu-utilisation-mean" not in run
+    assert "CPU only" in done.stdout and "s/round" in done.stdout
+    assert (tmp_path / "gpu_simulation-0.log").read_text().count("round ") >= 3
