@@ -198,3 +198,27 @@ def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeyp
     assert [r.tag for r in backend.collect(second, backend.submit(Actor, second), store, metrics)] == [
         "reply x2"]
     assert contexts == {7: 2, 8: 1} and not backend._busy
+
+
+@pytest.mark.e2e
+def test_every_actor_is_sent_calls_however_few_cores_the_driver_has(tmp_path: Path):
+    """Flower's run_api runs one worker loop per actor in a default-sized ThreadPoolExecutor,
+    min(32, cores + 4) threads: actors beyond that were never sent a message (8 actors on 2
+    cores used 6). With more actors than that and every training message held for a second,
+    each actor must be sent calls."""
+    import math
+
+    cores = os.cpu_count() or 1
+    default_threads = min(32, cores + 4)
+    client_cpus = math.floor(cores / (default_threads + 2) * 1000) / 1000
+    proc = fedrep_cli("run", "--verbose", "--dataset", "linear-synthetic", "--model", "linear",
+                      "--num-clients", str(2 * (default_threads + 2)), "--rounds", "1",
+                      "--set", "fraction-train=1.0", "--set", "fraction-evaluate=0.1",
+                      "--set", f"client-cpus={client_cpus}", "--set", "final-finetune-epochs=0",
+                      "--set", f"run-dir={tmp_path / 'run'}", "--client-app", "slow_clientapp:app",
+                      cwd=Path(__file__).parent)
+    output = proc.stdout + proc.stderr
+    found = re.search(r"on (\d+) actors \((\d+) sent calls\)", output)
+    assert found is not None, output[-3000:]
+    actors, used = map(int, found.groups())
+    assert actors > default_threads and used == actors, found.group(0)

@@ -194,6 +194,7 @@ def install() -> str:
         batching.max_batch_from_env()  # a bad FEDREP_RAY_BATCH fails here, before Ray starts
     vce_api.put_message_into_state = put_message_into_state if choice == "fast" else _STOCK_STORE
     vce_api.worker = batching.worker if choice == "fast" else batching.STOCK_WORKER
+    vce_api.ThreadPoolExecutor = batching.WorkerThreadPool if choice == "fast" else batching.STOCK_THREAD_POOL
     raybackend.RayBackend = batching.BatchedRayBackend if choice == "fast" else batching.STOCK_BACKEND
     if _STOCK_REGISTER is not None and list(inspect.signature(_STOCK_REGISTER).parameters) == [
             "num_nodes", "state_factory"]:
@@ -264,6 +265,8 @@ def internals_problems() -> list[str]:
             "messageins_queue", "messageres_queue", "node_info_store", "backend", "f_stop", "metrics"]:
         problems.append("vce_api.worker(messageins_queue, messageres_queue, node_info_store, backend, "
                         "f_stop, metrics) changed")
+    if "ThreadPoolExecutor()" not in inspect.getsource(vce_api.run_api):
+        problems.append("vce_api.run_api no longer starts its workers in a ThreadPoolExecutor()")
     layout = message_layout_problem()
     if layout is not None:
         problems.append(layout)

@@ -47,6 +47,7 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Container, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from logging import DEBUG, ERROR
 from queue import Empty, Queue
@@ -71,6 +72,22 @@ DEFAULT_MAX_BATCH = 32
 QUEUE_SHARE = 4  # a call takes at most 1/QUEUE_SHARE of an even share of what waits
 STOCK_WORKER: Callable[..., None] = vce_api.worker
 STOCK_BACKEND: type[RayBackend] = RayBackend
+STOCK_THREAD_POOL: type[ThreadPoolExecutor] = vce_api.ThreadPoolExecutor
+
+
+class WorkerThreadPool(ThreadPoolExecutor):
+    """The pool Flower's ``vce_api.run_api`` runs its worker loops in, one thread per actor.
+
+    Why: ``run_api`` submits one never-ending :func:`worker` per actor to a bare
+    ``ThreadPoolExecutor()``, whose size is Python's default, ``min(32, os.cpu_count() + 4)``:
+    the driver machine's cores, not the actors. Each worker holds one actor, so actors beyond
+    that many were never sent a message: 8 actors (``client-cpus = 0.25``) on a 2-core machine
+    used 6, and a Ray cluster of 100 GPU actors driven from a 16-core head node would use 20.
+    Without a size given, this pool starts a thread for every task submitted (threads that
+    mostly wait on a queue or on Ray, so one per actor is cheap)."""
+
+    def __init__(self, max_workers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(max_workers or 2**31 - 1, *args, **kwargs)
 
 
 def max_batch_from_env() -> int:
@@ -210,6 +227,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._next_actor = 0
         self._share = ContentShare()  # a round's model through the object store once (see its module)
         self.calls = self.messages = self.largest_call = 0
+        self._used: set[int] = set()  # which actors (by index) were sent a call
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         count = pool_size_from_resources(self.client_resources)
@@ -324,6 +342,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         pending = actor.run_batch.remote(call.payload) if call.payload is not None else None
         with self._lock:
             self._let_go(call.batch)  # running now (see _busy)
+            self._used.add(next(i for i, a in enumerate(self._actors) if a is actor))
         return pending
 
     def collect(self, call: PreparedCall, pending: Any, node_info_store: dict[int, Any],
@@ -376,7 +395,8 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         """One line: how the messages went out (``fedrep run --verbose`` logs it at the end)."""
         return (f"{type(self).__name__}: {self.messages} messages in {self.calls} actor calls "
                 f"(at most {self.largest_call} a call, FEDREP_RAY_BATCH={self.max_batch}) on "
-                f"{len(self._actors)} actors; {self._share.puts} shared contents through the object store")
+                f"{len(self._actors)} actors ({len(self._used)} sent calls); "
+                f"{self._share.puts} shared contents through the object store")
 
     def terminate(self) -> None:
         log(DEBUG, self.tally())
