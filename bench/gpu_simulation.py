@@ -119,6 +119,21 @@ class DeviceSampler:
         return out
 
 
+def machine_cpus() -> dict:
+    """What bounds the CPU run besides its actors: the CPUs Python sees (``os.cpu_count``, which
+    also sizes Python's default thread pools), those this process may run on (affinity), and a
+    cgroup CPU quota (``cpu.max``, v2) if one is set: a quota below the cores counted makes a
+    machine with many busy threads stall in bursts."""
+    out: dict = {"os-cpu-count": os.cpu_count(),
+                 "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        out["cgroup-cpu-quota"] = None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        out["cgroup-cpu-quota"] = "unreadable"
+    return out
+
+
 def clients_at_a_time(stderr: str) -> int | None:
     """From the ``[fedrep] ... -> N clients at a time`` line ``fedrep run`` prints at start."""
     found = re.search(r"-> (\d+) clients at a time", stderr)
@@ -170,11 +185,15 @@ def timed_run(settings: dict, run_dir: Path, log: Path, timeout: float) -> dict:
         raise RuntimeError(f"rounds {short} did not train {sampled_train} and evaluate "
                            f"{settings['num-clients']} clients")
     per_round = [float(r["round-seconds"]) for r in rows]
+    # where the timed rounds went (server/loop.py: the server's waits for each phase, its own work)
+    phases = {key: statistics.median(float(r[key]) for r in rows[1:])
+              for key in ("train-phase-seconds", "evaluate-phase-seconds", "server-seconds")}
     return {"client-gpus": float(settings["client-gpus"]), "client-cpus": float(settings["client-cpus"]),
             "clients-at-a-time": clients_at_a_time(output), "rounds": len(rows),
             "round-seconds": per_round, "round-seconds-median-after-first": statistics.median(per_round[1:]),
             "round-1-seconds": per_round[0], "window-seconds": end - start,
-            "accuracy-mean-last": float(rows[-1]["accuracy-mean"]), **sampler.window(start, end)}
+            "phases-median-after-first": phases, "accuracy-mean-last": float(rows[-1]["accuracy-mean"]),
+            **sampler.window(start, end)}
 
 
 def report(rows: list[dict]) -> list[str]:
@@ -187,6 +206,9 @@ def report(rows: list[dict]) -> list[str]:
                 f"{r['round-seconds-median-after-first']:7.2f} s/round "
                 f"(round 1 {r['round-1-seconds']:.1f} s), "
                 f"CPU cores busy {r.get('cpu-cores-busy', float('nan')):5.2f}")
+        if "phases-median-after-first" in r:
+            train, evaluate, server = r["phases-median-after-first"].values()
+            line += f" [train {train:.2f} + evaluate {evaluate:.2f} + server {server:.2f} s]"
         if "gpu-utilisation-mean" in r:
             line += (f", GPU busy {r['gpu-utilisation-mean']:5.1f}%, "
                      f"GPU memory {r['gpu-memory-peak-gib']:.2f} GiB")
@@ -220,7 +242,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     result: dict = {"command": " ".join(sys.argv), "torch": torch.__version__, "gpu": gpu_name,
-                    "cpus": os.cpu_count(), "runs": []}
+                    "cpus": machine_cpus(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="fedrep-gpu-sim-") as tmp:
         data_dir = args.data_dir
         if data_dir is None:

@@ -71,7 +71,8 @@ class RunFolderFailure(RuntimeError):
 
 class AuditingGrid:
     """A Grid proxy that records every message the server receives (kind, sender, the array
-    names and bytes it carried), so 'the head never leaves the client' is checkable."""
+    names and bytes it carried), so 'the head never leaves the client' is checkable, and how
+    long the server waited for each kind of reply (a round's time = those waits + its own work)."""
 
     def __init__(self, grid: Grid, run: RunDir, update_norms: bool = False) -> None:
         self._grid = grid
@@ -80,6 +81,7 @@ class AuditingGrid:
         self.server_round = 0
         self.rows: list[dict[str, Any]] = []
         self.partition_of: dict[int, int] = {}  # node -> partition, from earlier replies
+        self.waited: dict[str, float] = {}  # message kind -> seconds from push to last reply, this round
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -127,7 +129,10 @@ class AuditingGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         messages = list(messages)
+        started = time.perf_counter()
         replies, waiting = self._exchange(messages, timeout)
+        for kind in {m.metadata.message_type for m in messages}:
+            self.waited[kind] = self.waited.get(kind, 0.0) + time.perf_counter() - started
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
         sent_of = {m.metadata.message_id: m for m in messages}
@@ -189,6 +194,12 @@ class AuditingGrid:
     def drain(self) -> list[dict[str, Any]]:
         rows, self.rows = self.rows, []
         return rows
+
+    def drain_waits(self) -> dict[str, float]:
+        """This round's waits as metrics columns: ``train-phase-seconds`` and
+        ``evaluate-phase-seconds`` (push to last reply; other kinds as ``<kind>-phase-seconds``)."""
+        waited, self.waited = self.waited, {}
+        return {f"{kind}-phase-seconds": seconds for kind, seconds in sorted(waited.items())}
 
 
 def _open_run(cfg: RunConfig) -> tuple[RunDir, RunConfig, int]:
@@ -524,6 +535,10 @@ def _run_rounds(grid: Grid, cfg: RunConfig, run: RunDir, last: int, timeout: flo
             # the round's own files count (its checkpoint, with fsync, and a line per message:
             # 20,000 lines a round at 10,000 clients); only its metrics row and state do not
             row["round-seconds"] = time.perf_counter() - t0
+            phases = audit.drain_waits()
+            row.update(phases)
+            # the rest: sampling, aggregation, checks, the round's files (the server's own work)
+            row["server-seconds"] = max(0.0, row["round-seconds"] - sum(phases.values()))
             run.append_metrics(row)
             run.write_state(server_round, "running", **_strategy_state(strategy))
             tracking.log_row(row)  # after the folder: trackers see completed rounds only

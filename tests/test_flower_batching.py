@@ -205,7 +205,7 @@ def test_every_actor_is_sent_calls_however_few_cores_the_driver_has(tmp_path: Pa
     """Flower's run_api runs one worker loop per actor in a default-sized ThreadPoolExecutor,
     min(32, cores + 4) threads: actors beyond that were never sent a message (8 actors on 2
     cores used 6). With more actors than that and every training message held for a second,
-    each actor must be sent calls."""
+    each actor must be sent calls. The round's metrics say how long each phase waited."""
     import math
 
     cores = os.cpu_count() or 1
@@ -222,3 +222,10 @@ def test_every_actor_is_sent_calls_however_few_cores_the_driver_has(tmp_path: Pa
     assert found is not None, output[-3000:]
     actors, used = map(int, found.groups())
     assert actors > default_threads and used == actors, found.group(0)
+    # where the round went: waiting for the training replies (each client sleeps 1 s), for the
+    # evaluation replies, and the server's own work, adding up to the round
+    (row,) = RunDir(tmp_path / "run").read_metrics()
+    assert 1.0 <= row["train-phase-seconds"] < row["round-seconds"]
+    assert 0 < row["evaluate-phase-seconds"] < row["round-seconds"]
+    parts = row["train-phase-seconds"] + row["evaluate-phase-seconds"] + row["server-seconds"]
+    assert row["server-seconds"] > 0 and parts == pytest.approx(row["round-seconds"], abs=1e-6)
