@@ -157,7 +157,7 @@ def test_a_nodes_next_message_waits_until_its_previous_call_is_read_back(monkeyp
     backend = object.__new__(batching.BatchedRayBackend)
     backend.__dict__.update(max_batch=32, _ready=Queue(), _lock=__import__("threading").Lock(),
                             _busy=batching.Counter(), _deferred=[], _idle_threads=0, _slots=2,
-                            _share=ContentShare(), calls=0, messages=0, largest_call=0,
+                            _share=ContentShare(), calls=0, messages=0, largest_call=0, _used=set(),
                             batch_limit=lambda waiting: 32)
     contexts = {7: 0, 8: 0}
 

@@ -227,7 +227,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._next_actor = 0
         self._share = ContentShare()  # a round's model through the object store once (see its module)
         self.calls = self.messages = self.largest_call = 0
-        self._used: set[int] = set()  # which actors (by index) were sent a call
+        self._used: set[int] = set()  # the actors (their ids) that were sent a call
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         count = pool_size_from_resources(self.client_resources)
@@ -342,7 +342,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         pending = actor.run_batch.remote(call.payload) if call.payload is not None else None
         with self._lock:
             self._let_go(call.batch)  # running now (see _busy)
-            self._used.add(next(i for i, a in enumerate(self._actors) if a is actor))
+            self._used.add(id(actor))
         return pending
 
     def collect(self, call: PreparedCall, pending: Any, node_info_store: dict[int, Any],
