@@ -280,5 +280,9 @@ def test_gpu_simulation_times_the_paper_cifar10_rounds_through_fedrep_run_on_cpu
     assert run["clients-at-a-time"] == min(20, os.cpu_count() or 1)
     assert run["samples"] > 0 and 0 < run["cpu-cores-busy"] <= (os.cpu_count() or 1) + 0.5
     assert "gpu-utilisation-mean" not in run
-    assert "CPU only" in done.stdout and "s/round" in done.stdout
+    phases = run["phases-median-after-first"]
+    assert set(phases) == {"train-phase-seconds", "evaluate-phase-seconds", "server-seconds"}
+    assert phases["train-phase-seconds"] > 0 and sum(phases.values()) <= max(run["round-seconds"][1:]) + 1e-6
+    assert result["cpus"]["os-cpu-count"] == os.cpu_count()
+    assert "CPU only" in done.stdout and "s/round" in done.stdout and "[train " in done.stdout
     assert (tmp_path / "gpu_simulation-0.log").read_text().count("round ") >= 3
