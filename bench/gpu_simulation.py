@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.process_cpu import cpu_seconds, descendants  # noqa: E402
+from bench.process_cpu import cpu_seconds, descendants, wait_for_round  # noqa: E402
 from fedrep.results import RunDir  # noqa: E402
 
 PAPER = ROOT / "experiments" / "paper" / "cifar10-n100-s2.toml"
@@ -152,27 +152,14 @@ def timed_run(settings: dict, run_dir: Path, log: Path, timeout: float) -> dict:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
                                 env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
 
-    def rounds_done() -> int:
-        try:
-            return max(0, len(metrics.read_text().splitlines()) - 1)
-        except OSError:
-            return 0
-
-    def wait_for(count: int) -> float:
-        deadline = time.monotonic() + timeout
-        while rounds_done() < count:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                tail = "\n".join(log.read_text().splitlines()[-40:])
-                raise RuntimeError(f"client-gpus={settings['client-gpus']}: the run ended or timed out "
-                                   f"before round {count} (log {log}):\n{tail}")
-            time.sleep(0.02)
-        return time.monotonic()
+    def failed(count: int) -> str:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        return (f"client-gpus={settings['client-gpus']}: the run ended or timed out before round {count} "
+                f"(log {log}):\n{tail}")
 
     with DeviceSampler(proc.pid, gpu=float(settings["client-gpus"]) > 0) as sampler:
-        start = wait_for(1)
-        end = wait_for(settings["num-rounds"])
+        start = wait_for_round(proc, metrics, 1, timeout, failed)
+        end = wait_for_round(proc, metrics, settings["num-rounds"], timeout, failed)
     proc.wait(timeout=timeout)
     output = log.read_text()
     if proc.returncode != 0:

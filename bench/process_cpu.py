@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # 1,000 FedAvg clients of one batch each: what bench/round_overhead.py --tiny runs
@@ -94,6 +95,29 @@ def cpu_per_round(before: dict[str, tuple[str, float]], after: dict[str, tuple[s
     return out
 
 
+def rounds_written(metrics: Path) -> int:
+    """The rounds a run has written to its ``metrics.csv`` so far (0 before the file exists)."""
+    try:
+        return max(0, len(metrics.read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def wait_for_round(proc: subprocess.Popen, metrics: Path, count: int, timeout: float,
+                   failed: Callable[[int], str], poll_s: float = 0.02) -> float:
+    """Wait until the run ``proc`` has written round ``count`` to ``metrics``; the monotonic time
+    it saw it. If the run ends or ``timeout`` seconds pass first, kill it and raise RuntimeError
+    with ``failed(count)``."""
+    deadline = time.monotonic() + timeout
+    while rounds_written(metrics) < count:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(failed(count))
+        time.sleep(poll_s)
+    return time.monotonic()
+
+
 def measure(variant: str, settings: dict, rounds: int, timeout: float = 1800) -> dict[str, float]:
     """One run of ``variant`` (``DIR[,NAME=VALUE...]``): seconds and CPU seconds per round."""
     folder, *assignments = variant.split(",")
@@ -107,24 +131,13 @@ def measure(variant: str, settings: dict, rounds: int, timeout: float = 1800) ->
             cmd += ["--set", f"{key}={value}"]
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-        def done_rounds() -> int:
-            try:
-                return max(0, len(metrics.read_text().splitlines()) - 1)
-            except OSError:
-                return 0
+        def failed(count: int) -> str:
+            return (f"{variant}: the run ended before round {count}: "
+                    f"{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
 
-        def wait_for(count: int) -> None:
-            deadline = time.monotonic() + timeout
-            while done_rounds() < count:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise RuntimeError(f"{variant}: the run ended before round {count}: "
-                                       f"{proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-                time.sleep(0.05)
-
-        wait_for(2)  # round 1 starts Ray and loads data
+        wait_for_round(proc, metrics, 2, timeout, failed)  # round 1 starts Ray and loads data
         before, start = process_seconds(str(proc.pid)), time.monotonic()
-        wait_for(rounds - 1)  # the last round may write its end-of-run files
+        wait_for_round(proc, metrics, rounds - 1, timeout, failed)  # the last may write end-of-run files
         after, end = process_seconds(str(proc.pid)), time.monotonic()
         counted = rounds - 3
         _, err = proc.communicate(timeout=timeout)

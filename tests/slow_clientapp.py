@@ -13,19 +13,11 @@ from clients import app as fedrep_client
 
 SLOW_S = 1.0
 app = ClientApp()
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    return fedrep_client.query(msg, context)
+app.query()(fedrep_client.query)
+app.evaluate()(fedrep_client.evaluate)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     time.sleep(SLOW_S)
     return fedrep_client.train(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return fedrep_client.evaluate(msg, context)
