@@ -286,3 +286,25 @@ def test_gpu_simulation_times_the_paper_cifar10_rounds_through_fedrep_run_on_cpu
     assert result["cpus"]["os-cpu-count"] == os.cpu_count()
     assert "CPU only" in done.stdout and "s/round" in done.stdout and "[train " in done.stdout
     assert (tmp_path / "gpu_simulation-0.log").read_text().count("round ") >= 3
+
+
+def test_offline_wheels_prunes_the_named_parts_and_their_record_lines(tmp_path) -> None:
+    """bench/offline_wheels.py's rewrite of Ray's wheel: the members under the dropped folders go,
+    with their RECORD lines; every other member and line stays, byte for byte."""
+    import zipfile
+
+    from bench.offline_wheels import prune_wheel
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    kept = {"pkg/__init__.py": b"x = 1\n", "pkg/core/bin": bytes(range(256)) * 40}
+    record = b"pkg/__init__.py,sha256=a,6\npkg/core/bin,sha256=b,10240\npkg/jars/big.jar,sha256=c,4\n"
+    with zipfile.ZipFile(wheel, "w") as out:
+        members = {**kept, "pkg/jars/big.jar": b"java" * 1000, "pkg-1.0.dist-info/RECORD": record}
+        for name, data in members.items():
+            out.writestr(name, data)
+    before, after = prune_wheel(wheel, ("pkg/jars/",))
+    assert after < before
+    with zipfile.ZipFile(wheel) as pruned:
+        assert sorted(pruned.namelist()) == sorted([*kept, "pkg-1.0.dist-info/RECORD"])
+        assert all(pruned.read(name) == data for name, data in kept.items())
+        assert pruned.read("pkg-1.0.dist-info/RECORD").split(b"\n") == record.split(b"\n")[:2] + [b""]
