@@ -131,8 +131,9 @@ class AuditingGrid:
         messages = list(messages)
         started = time.perf_counter()
         replies, waiting = self._exchange(messages, timeout)
+        elapsed = time.perf_counter() - started
         for kind in {m.metadata.message_type for m in messages}:
-            self.waited[kind] = self.waited.get(kind, 0.0) + time.perf_counter() - started
+            self.waited[kind] = self.waited.get(kind, 0.0) + elapsed
         # Message ids exist once sent; an error the SuperLink wrote for a vanished node has the
         # SuperLink as sender, so name the node the answered message went to.
         sent_of = {m.metadata.message_id: m for m in messages}
