@@ -194,8 +194,9 @@ def report(rows: list[dict]) -> list[str]:
                 f"(round 1 {r['round-1-seconds']:.1f} s), "
                 f"CPU cores busy {r.get('cpu-cores-busy', float('nan')):5.2f}")
         if "phases-median-after-first" in r:
-            train, evaluate, server = r["phases-median-after-first"].values()
-            line += f" [train {train:.2f} + evaluate {evaluate:.2f} + server {server:.2f} s]"
+            phases = r["phases-median-after-first"]
+            line += (f" [train {phases['train-phase-seconds']:.2f} + evaluate "
+                     f"{phases['evaluate-phase-seconds']:.2f} + server {phases['server-seconds']:.2f} s]")
         if "gpu-utilisation-mean" in r:
             line += (f", GPU busy {r['gpu-utilisation-mean']:5.1f}%, "
                      f"GPU memory {r['gpu-memory-peak-gib']:.2f} GiB")
