@@ -36,6 +36,19 @@ FINETUNE_EPOCHS = "finetune-epochs"  # evaluate: fine-tune this many epochs firs
 NODE_ROLE = "node-role"  # a deployed node's declared role, added by the ClientApp from its node config
 GATE = "gate"  # KD3A: this round's confidence gate
 SOURCE_WEIGHTS = "source-weights"  # KD3A: the sources' domain weights, in partition order
+# train, for the simulation runtime rather than the ClientApp: the round's sampled partitions
+# (sorted) and how replies are weighted ("num-examples" or "equal"), so that a worker that ran a
+# whole partial-sum group (fedrep.algorithms.aggregate.sum_groups) can send its sum instead of
+# each model (fedrep.flower_runtime.presum). Sent only where the server's aggregate is that mean.
+PRESUM_SAMPLED = "presum-sampled"
+PRESUM_WEIGHTS = "presum-weights"
+
+# --- records a simulation worker adds to a group's first reply (client -> server) --------------------
+PRESUM_ARRAYS = "presum"  # ArrayRecord: the group's weighted_sum (float64), the group's ARRAYS emptied
+# ConfigRecord: PRESUM_GROUP, PRESUM_MEMBERS (the partitions summed, in order) and PRESUM_DTYPES (the
+# members' dtypes, in the sum's key order: the average is cast back to them)
+PRESUM_INFO = "presum-info"
+PRESUM_GROUP, PRESUM_MEMBERS, PRESUM_DTYPES = "group", "members", "dtypes"
 
 # --- metric record keys (client -> server) -----------------------------------------------------------
 PARTITION_ID = "partition-id"

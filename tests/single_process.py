@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedrep.algorithms.aggregate import summarize, weighted_average
+from fedrep.algorithms.aggregate import sum_groups, summarize, weighted_average
 from fedrep.algorithms.base import ClientUpdateRule
 from fedrep.algorithms.kd3a.round import TargetReport, run_round
 from fedrep.algorithms.kd3a.rule import TARGET_PARTITION, KD3AOptions, KD3ARule
@@ -71,7 +71,7 @@ def run_reference(
             updates.append((shared_now, result.num_examples))
             losses.append(result.loss)
             weights.append(result.num_examples)
-        averaged = weighted_average(updates)
+        averaged = weighted_average(updates, sum_groups(range(len(updates))))  # a train round's groups
         run.shared = {k: torch.from_numpy(v) for k, v in averaged.items()}
         metrics: dict[str, float] = {
             "round": server_round, "train-loss": summarize(losses, weights)["weighted-mean"]}

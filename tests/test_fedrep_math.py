@@ -103,9 +103,9 @@ def test_weighted_average_matches_hand_computation():
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_weighted_average_blocks_give_the_plain_sum_bit_for_bit(threads, monkeypatch):
-    """The blocked loop does per element what acc += float64(x_i) * (w_i / total) over i does, in
-    the same order: equal bits, across a block boundary, for floats and a rounded integer count;
-    also with the blocks split over threads (as large sums are)."""
+    """The blocked loop does per element what acc += float64(x_i) * w_i over i, then acc / total,
+    does, in the same order: equal bits, across a block boundary, for floats and a rounded integer
+    count; also with the blocks split over threads (as large sums are)."""
     from fedrep.algorithms import aggregate
     from fedrep.algorithms.aggregate import AVERAGE_BLOCK
 
@@ -123,10 +123,43 @@ def test_weighted_average_blocks_give_the_plain_sum_bit_for_bit(threads, monkeyp
     for key in shapes:
         acc = np.zeros(shapes[key], np.float64)
         for arrays, weight in updates:
-            acc += np.asarray(arrays[key], dtype=np.float64) * (weight / total)
+            acc += np.asarray(arrays[key], dtype=np.float64) * weight
+        acc /= total
         expected = (np.rint(acc) if key == "count" else acc).astype(updates[0][0][key].dtype)
         assert out[key].dtype == expected.dtype and out[key].shape == expected.shape
         assert expected.tobytes() == out[key].tobytes(), key
+
+
+def test_grouped_average_adds_the_groups_partial_sums_in_order_bit_for_bit():
+    """With groups, each group's float64 sum starts from zero and the sums are added in order, then
+    divided by the total weight: checked against that loop written out, and a worker's
+    weighted_sum of a group is the very partial the server would make (same bits)."""
+    from fedrep.algorithms.aggregate import SUM_GROUP, average_of_sums, sum_groups, weighted_sum
+
+    rng = np.random.default_rng(11)
+    n = 2 * SUM_GROUP + 5
+    updates = [({"w": rng.standard_normal((7, 3)).astype(np.float32)}, float(rng.integers(1, 99)))
+               for _ in range(n)]
+    groups = sum_groups(range(n))
+    assert groups[:SUM_GROUP] == [0] * SUM_GROUP and groups[-1] == 2 and groups.count(2) == 5
+    total = np.zeros((7, 3))
+    for group in (0, 1, 2):
+        partial = np.zeros((7, 3))
+        for (arrays, weight), g in zip(updates, groups, strict=True):
+            if g == group:
+                partial += arrays["w"].astype(np.float64) * weight
+        total += partial
+    expected = (total / sum(w for _, w in updates)).astype(np.float32)
+    out = weighted_average(updates, groups)
+    assert out["w"].tobytes() == expected.tobytes()
+    # the same from partial sums made elsewhere (a simulation worker's presum)
+    sums = [weighted_sum(updates[i:i + SUM_GROUP]) for i in range(0, n, SUM_GROUP)]
+    again = average_of_sums(sums, float(sum(w for _, w in updates)), {"w": np.dtype(np.float32)})
+    assert again["w"].tobytes() == out["w"].tobytes()
+    # grouping is arithmetic, not a new mean: the ungrouped result is within float64 rounding
+    np.testing.assert_allclose(weighted_average(updates)["w"], out["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        weighted_average(updates[:2], [1, 0])
 
 
 def test_summarize_is_unweighted_mean_of_local_accuracies():

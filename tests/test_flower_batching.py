@@ -56,6 +56,8 @@ def test_batch_limit_shrinks_with_the_queue():
     # 4 call slots: a call takes a quarter of an even share of what waits, between 1 and the cap
     assert [batch_limit(w, 4, 32) for w in (1, 16, 17, 100, 1000, 2000)] == [1, 1, 2, 7, 32, 32]
     assert batch_limit(1000, 4, 1) == 1 and batch_limit(1000, 0, 32) == 32
+    # from SUM_GROUP (16) on, whole partial-sum groups: 25 -> 16, a FEDREP_RAY_BATCH of 24 -> 16
+    assert batch_limit(200, 2, 32) == 16 and batch_limit(1000, 2, 24) == 16 and batch_limit(90, 2, 32) == 12
 
 
 def test_the_cap_comes_from_the_environment_with_a_clear_error(monkeypatch):
@@ -229,3 +231,37 @@ def test_every_actor_is_sent_calls_however_few_cores_the_driver_has(tmp_path: Pa
     assert 0 < row["evaluate-phase-seconds"] < row["round-seconds"]
     parts = row["train-phase-seconds"] + row["evaluate-phase-seconds"] + row["server-seconds"]
     assert row["server-seconds"] > 0 and parts == pytest.approx(row["round-seconds"], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_partial_sums_on_the_actors_give_the_servers_average_bit_for_bit(tmp_path: Path):
+    """FedRep with 160 clients, all trained, partition 1 failing: the actors send whole groups of
+    16 as one sum (fewer bytes reach the server, the messages log says so) and the rounds' bodies
+    are those of the server summing every model itself (FEDREP_PRESUM=0), bit for bit; no head
+    ever left a client."""
+    runs, tallies = {}, {}
+    for name, env in (("presum", {}), ("server", {"FEDREP_PRESUM": "0"})):
+        run = tmp_path / name
+        proc = fedrep_cli("run", "--verbose", "--dataset", "linear-synthetic", "--model", "linear",
+                          "--num-clients", "160", "--rounds", "2", "--set", "fraction-train=1.0",
+                          "--set", "fraction-evaluate=0.1", "--set", "final-finetune-epochs=0",
+                          "--set", f"run-dir={run}", "--client-app", "failing_clientapp:app",
+                          cwd=Path(__file__).parent, env={**os.environ, **env})
+        found = re.search(r"; (\d+) partial-sum groups summed on the actors", proc.stdout + proc.stderr)
+        assert found is not None, (proc.stdout + proc.stderr)[-3000:]
+        runs[name], tallies[name] = RunDir(run), int(found.group(1))
+    assert tallies["server"] == 0 and tallies["presum"] > 0, tallies
+    presum, server = runs["presum"], runs["server"]
+    for run in (presum, server):
+        assert [row["train-clients"] for row in run.read_metrics()] == [159, 159]
+    received = [[row["bytes-received"] for row in run.read_metrics()] for run in (presum, server)]
+    assert all(ours < theirs for ours, theirs in zip(*received, strict=True)), received
+    for server_round in (1, 2):
+        ours, theirs = presum.load_checkpoint(server_round), server.load_checkpoint(server_round)
+        assert set(ours) == set(theirs) and all(not key.startswith("head") for key in ours)
+        for key in ours:
+            assert ours[key].tobytes() == theirs[key].tobytes(), (server_round, key)
+    rows = [row for row in presum.read_audit() if row["kind"] == "train"]
+    summed = [row for row in rows if any(name.startswith("presum/") for name in row["arrays"])]
+    assert len(summed) == tallies["presum"]
+    assert not any("head" in name for row in rows for name in row["arrays"])

@@ -46,51 +46,101 @@ def _accumulate(acc: np.ndarray, flat: list[np.ndarray], scales: list[float], st
             block += product
 
 
-def weighted_average(
-    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
-) -> dict[str, np.ndarray]:
-    """sum_i w_i * theta_i / sum_i w_i per key: the one weighted average of the platform (FedAvg and
-    FedRep bodies, weights = sample counts or equal; KD3A's domain-weighted models).
+SUM_GROUP = 16  # updates per partial sum of a train round (see weighted_average)
 
-    Accumulates in float64 and returns each array in its input dtype; integer arrays (BatchNorm's
-    ``num_batches_tracked``) are rounded to the nearest integer, so equal counts stay equal (a plain
-    cast would truncate 2.9999 to 2)."""
+
+def sum_groups(ranks: Sequence[int]) -> list[int]:
+    """The partial-sum group of each update, from its rank among the round's sampled clients
+    (the position of its partition in the sorted sample): ``SUM_GROUP`` consecutive ranks a group.
+    A function of the sample alone, so the same on a server that sums every reply itself and in
+    a simulation whose workers pre-sum whole groups (``fedrep.flower_runtime.presum``)."""
+    return [rank // SUM_GROUP for rank in ranks]
+
+
+def _check_updates(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> list[str]:
     if not updates:
         raise ValueError("weighted_average needs at least one update")
     keys = list(updates[0][0])
     for arrays, _ in updates[1:]:
         if list(arrays) != keys:
             raise ValueError(f"updates disagree on keys: {sorted(arrays)} vs {sorted(keys)}")
-    total = float(sum(weight for _, weight in updates))
-    if total <= 0:
-        raise ValueError("weighted_average needs a positive total weight")
+    return keys
+
+
+def weighted_sum(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
+    """sum_i float64(theta_i) * w_i per key, in the updates' order, from zero: one group's partial
+    sum, float64, in the updates' shapes. Bit for bit the same wherever it runs (the server, or a
+    simulation worker pre-summing a group), since it is the same NumPy operations in the same order."""
+    keys = _check_updates(updates)
+    weights = [float(weight) for _, weight in updates]
     out: dict[str, np.ndarray] = {}
-    scales = [weight / total for _, weight in updates]
     for key in keys:
         shape = np.shape(updates[0][0][key])
         acc = np.zeros(math.prod(shape), dtype=np.float64)
         flat = [np.asarray(arrays[key]).reshape(-1) for arrays, _ in updates]
         # Block by block, so that the float64 sum and product stay in cache across the updates:
-        # per element the same operations in the same order as acc += float64(x_i) * w_i / total
-        # over i (tests/test_fedrep_math.py checks it bit for bit), without a float64 copy of each
+        # per element the same operations in the same order as acc += float64(x_i) * w_i over i
+        # (tests/test_fedrep_math.py checks it bit for bit), without a float64 copy of each
         # update; 1.09x faster for 1,000 paper-CNN models, measured beside an experiment run.
         # Large sums split their blocks over threads (NumPy lets go of the GIL for each block's
-        # arithmetic): the same operations on each element, so the same bits, in less time
-        # while the server waits on it between a round's phases.
+        # arithmetic): the same operations on each element, so the same bits.
         starts = range(0, acc.size, AVERAGE_BLOCK)
         chunks = _thread_chunks(len(starts), acc.size * len(flat))
         if len(chunks) == 1:
-            _accumulate(acc, flat, scales, starts)
+            _accumulate(acc, flat, weights, starts)
         else:
             parts = [starts[first:last] for first, last in chunks]
             n = len(parts)
-            list(_pool().map(_accumulate, [acc] * n, [flat] * n, [scales] * n, parts))
-        acc = acc.reshape(shape)
-        dtype = np.asarray(updates[0][0][key]).dtype
+            list(_pool().map(_accumulate, [acc] * n, [flat] * n, [weights] * n, parts))
+        out[key] = acc.reshape(shape)
+    return out
+
+
+def average_of_sums(sums: Sequence[Mapping[str, np.ndarray]], total_weight: float,
+                    dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """(sum_g sums_g) / total_weight per key, the partial sums added in order from zero, each
+    result in ``dtypes``' type; integer arrays (BatchNorm's ``num_batches_tracked``) are rounded
+    to the nearest integer, so equal counts stay equal (a plain cast would truncate 2.9999 to 2)."""
+    if not sums:
+        raise ValueError("average_of_sums needs at least one partial sum")
+    if total_weight <= 0:
+        raise ValueError("weighted_average needs a positive total weight")
+    out: dict[str, np.ndarray] = {}
+    for key, dtype in dtypes.items():
+        acc = np.zeros(np.shape(sums[0][key]), dtype=np.float64)
+        for partial in sums:
+            acc += partial[key]
+        acc /= total_weight
         if np.issubdtype(dtype, np.integer):
             np.rint(acc, out=acc)
         out[key] = acc.astype(dtype)
     return out
+
+
+def weighted_average(
+    updates: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    groups: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """sum_i w_i * theta_i / sum_i w_i per key: the one weighted average of the platform (FedAvg and
+    FedRep bodies, weights = sample counts or equal; KD3A's domain-weighted models).
+
+    ``groups`` (non-decreasing, one per update; :func:`sum_groups`) splits the sum into partial
+    sums of consecutive updates (:func:`weighted_sum`), added in order and divided by the total
+    weight (:func:`average_of_sums`): the arithmetic of a train round, whose partial sums a
+    simulation's workers may have made already. None: one group. Accumulates in float64 and
+    returns each array in its input dtype."""
+    keys = _check_updates(updates)
+    total = float(sum(weight for _, weight in updates))
+    if total <= 0:
+        raise ValueError("weighted_average needs a positive total weight")
+    groups = [0] * len(updates) if groups is None else list(groups)
+    if len(groups) != len(updates) or any(b < a for a, b in zip(groups, groups[1:], strict=False)):
+        raise ValueError(f"groups: one non-decreasing group id per update, got {groups[:8]}... "
+                         f"for {len(updates)} updates")
+    bounds = [0] + [i for i in range(1, len(groups)) if groups[i] != groups[i - 1]] + [len(groups)]
+    sums = [weighted_sum(updates[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    dtypes = {key: np.asarray(updates[0][0][key]).dtype for key in keys}
+    return average_of_sums(sums, total, dtypes)
 
 
 def summarize(values: Sequence[float], weights: Sequence[float] | None = None) -> dict[str, float]:

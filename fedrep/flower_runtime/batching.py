@@ -65,7 +65,10 @@ from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 from flwr.supercore import log
 
+from fedrep.algorithms.aggregate import SUM_GROUP
+from fedrep.flower_runtime.presum import presum
 from fedrep.flower_runtime.shared_content import ContentCache, ContentShare, Payload
+from fedrep.protocol import PRESUM_INFO
 
 ENV_VAR = "FEDREP_RAY_BATCH"
 DEFAULT_MAX_BATCH = 32
@@ -108,9 +111,12 @@ def max_batch_from_env() -> int:
 
 def batch_limit(waiting: int, slots: int, max_batch: int) -> int:
     """How many of ``waiting`` messages one call takes: a ``QUEUE_SHARE``-th of an even share per
-    call slot (rounded up), at least 1, at most ``max_batch``."""
+    call slot (rounded up), at least 1, at most ``max_batch``; from ``SUM_GROUP`` on, a multiple
+    of it, so that calls that take a round's train messages in order take whole partial-sum
+    groups, which the actor can send as one sum (:mod:`fedrep.flower_runtime.presum`)."""
     share = -(-waiting // (QUEUE_SHARE * max(1, slots)))
-    return max(1, min(max_batch, share))
+    limit = max(1, min(max_batch, share))
+    return limit - limit % SUM_GROUP if limit >= SUM_GROUP else limit
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,10 @@ class BatchClientAppActor:
         self._contents = ContentCache()
 
     def run_batch(self, payload: Payload) -> list[Outcome]:
-        return arrays_out_of_band(run_jobs(self._app_fn, self._contents.jobs(payload)))
+        jobs = self._contents.jobs(payload)
+        outcomes = run_jobs(self._app_fn, jobs)
+        presum(jobs, [outcome.reply if outcome.error_code is None else None for outcome in outcomes])
+        return arrays_out_of_band(outcomes)
 
 
 @dataclass
@@ -227,6 +236,7 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         self._next_actor = 0
         self._share = ContentShare()  # a round's model through the object store once (see its module)
         self.calls = self.messages = self.largest_call = 0
+        self.presums = 0  # train replies that came with their group's sum (fedrep.flower_runtime.presum)
         self._used: set[int] = set()  # the actors (their ids) that were sent a call
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
@@ -368,6 +378,9 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         for (i, message, _), outcome in zip(call.jobs, outcomes, strict=True):
             metrics.add_clientapp_runtime(outcome.runtime_s)
             if outcome.error_code is None and outcome.reply is not None:
+                if outcome.reply.has_content() and PRESUM_INFO in outcome.reply.content:
+                    with self._lock:
+                        self.presums += 1
                 node_info_store[message.metadata.dst_node_id].update_context(message.metadata.run_id,
                                                                              context=outcome.context)
                 replies[i] = outcome.reply
@@ -396,7 +409,8 @@ class BatchedRayBackend(STOCK_BACKEND):  # type: ignore[misc,valid-type]
         return (f"{type(self).__name__}: {self.messages} messages in {self.calls} actor calls "
                 f"(at most {self.largest_call} a call, FEDREP_RAY_BATCH={self.max_batch}) on "
                 f"{len(self._actors)} actors ({len(self._used)} sent calls); "
-                f"{self._share.puts} shared contents through the object store")
+                f"{self._share.puts} shared contents through the object store; {self.presums} "
+                f"partial-sum groups summed on the actors")
 
     def terminate(self) -> None:
         log(DEBUG, self.tally())

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from logging import DEBUG, INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -39,11 +40,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrep.algorithms.aggregate import summarize, weighted_average
+from fedrep.algorithms.aggregate import average_of_sums, sum_groups, summarize, weighted_average, weighted_sum
 from fedrep.algorithms.attacks import attackers
 from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
 from fedrep.flower_runtime import simulated_partitions
+from fedrep.flower_runtime.presum import enabled as presum_enabled
 from fedrep.protocol import (
     ACCURACY,
     ARRAYS,
@@ -57,6 +59,13 @@ from fedrep.protocol import (
     NUM_EXAMPLES,
     ONBOARD_ACTION,
     PARTITION_ID,
+    PRESUM_ARRAYS,
+    PRESUM_DTYPES,
+    PRESUM_GROUP,
+    PRESUM_INFO,
+    PRESUM_MEMBERS,
+    PRESUM_SAMPLED,
+    PRESUM_WEIGHTS,
     QUERY_ASK,
     SERVER_ROUND,
     TRAIN_LOSS,
@@ -352,6 +361,7 @@ class SharedAveraging(Federation, Strategy):
         self.privacy: PrivacyLedger | None = PrivacyLedger(cfg) if cfg.dp != "none" else None
         self._sent_arrays: dict[str, Any] = {}
         self._sampled = 0
+        self._rank_of: dict[int, int] = {}  # partition -> its rank in this round's sorted sample
 
     def state_dict(self) -> dict[str, Any]:
         return {"privacy": self.privacy.state_dict()} if self.privacy is not None else {}
@@ -387,7 +397,51 @@ class SharedAveraging(Federation, Strategy):
             self.privacy.check_budget(server_round, chosen)
             self._sent_arrays, self._sampled = from_record(arrays), len(chosen)
         config[SERVER_ROUND] = server_round
+        self._rank_of = {partition: rank for rank, partition in enumerate(sorted(chosen))}
+        if self._sums_on_workers() and presum_enabled():
+            config[PRESUM_SAMPLED] = sorted(chosen)
+            config[PRESUM_WEIGHTS] = "equal" if self.cfg.equal_aggregation() else "num-examples"
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
+
+    def _sums_on_workers(self) -> bool:
+        """Whether a simulation's workers may send a group's sum for its models
+        (:mod:`fedrep.flower_runtime.presum`): only for this class's own plain mean, which knows
+        how to read one; not under DP (each update is clipped, noised or measured) nor a robust
+        rule (each update counts on its own), nor for a subclass with its own aggregation."""
+        return (self.privacy is None and self.cfg.aggregation == "mean"
+                and type(self).aggregate_train is SharedAveraging.aggregate_train)
+
+    def _group_average(self, ok: list[Message], weights: list[float]) -> dict[str, Any]:
+        """The round's mean, group by group (:func:`fedrep.algorithms.aggregate.weighted_average`
+        with :func:`sum_groups` of each reply's rank in the sample): a group a worker summed
+        arrives as one sum (its first reply's ``presum``), any other group is summed here; the
+        same bits either way. ``ok`` is sorted by partition."""
+        ranks = [self._rank_of.get(int(r.content[METRICS].get(PARTITION_ID, -1)), -1) for r in ok]
+        if any(rank < 0 for rank in ranks):  # a reply from outside the sample (a plugin's own send)
+            return weighted_average([(from_record(r.content[ARRAYS], writable=False), w)
+                                     for r, w in zip(ok, weights, strict=True)])
+        sums, dtypes = [], {}
+        members_of: dict[int, list[int]] = {}
+        for i, group in enumerate(sum_groups(ranks)):
+            members_of.setdefault(group, []).append(i)
+        for group, members in members_of.items():
+            summed = [ok[i] for i in members if PRESUM_INFO in ok[i].content]
+            if summed:
+                info = summed[0].content[PRESUM_INFO]
+                partitions = [int(ok[i].content[METRICS][PARTITION_ID]) for i in members]
+                if (len(summed) != 1 or int(info[PRESUM_GROUP]) != group  # type: ignore[arg-type]
+                        or [int(p) for p in info[PRESUM_MEMBERS]] != partitions):  # type: ignore[union-attr]
+                    raise RuntimeError(f"round {self.server_round}: partial-sum group {group} came back "
+                                       f"with members {list(info[PRESUM_MEMBERS])} but the replies "  # type: ignore[arg-type]
+                                       f"of {partitions}; rerun with FEDREP_PRESUM=0 and report it")
+                total = from_record(summed[0].content[PRESUM_ARRAYS], writable=False)
+                dtypes = dtypes or dict(zip(total, map(np.dtype, info[PRESUM_DTYPES]), strict=True))  # type: ignore[arg-type]
+                sums.append(total)
+            else:
+                updates = [(from_record(ok[i].content[ARRAYS], writable=False), weights[i]) for i in members]
+                sums.append(weighted_sum(updates))
+                dtypes = dtypes or {k: np.asarray(v).dtype for k, v in updates[0][0].items()}
+        return average_of_sums(sums, float(sum(weights)), dtypes)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -395,20 +449,22 @@ class SharedAveraging(Federation, Strategy):
         ok = self._split_replies(replies)
         if not ok:
             return None, None
-        # read-only views of the replies' bytes: the aggregators only read them (no 1 MB copy each)
-        updates = [(from_record(r.content[ARRAYS], writable=False), float(r.content[METRICS][NUM_EXAMPLES]))
-                   for r in ok]
+        counts = [float(r.content[METRICS][NUM_EXAMPLES]) for r in ok]
         equal = self.cfg.equal_aggregation()  # aggregation-weights
-        weighted = [(a, 1.0) for a, _ in updates] if equal else updates
-        if self.privacy is not None and self.cfg.dp == "central":
-            averaged = self.privacy.release(server_round, self._sent_arrays, [a for a, _ in updates])
-        elif self.cfg.aggregation == "mean":
-            averaged = weighted_average(weighted)
+        if self.cfg.aggregation == "mean" and not (self.privacy is not None and self.cfg.dp == "central"):
+            averaged = self._group_average(ok, [1.0] * len(ok) if equal else counts)
         else:
-            from server.robust import robust_aggregate
+            # read-only views of the replies' bytes: the aggregators only read them (no 1 MB copy each)
+            updates = [(from_record(r.content[ARRAYS], writable=False), w)
+                       for r, w in zip(ok, counts, strict=True)]
+            if self.privacy is not None and self.cfg.dp == "central":
+                averaged = self.privacy.release(server_round, self._sent_arrays, [a for a, _ in updates])
+            else:
+                from server.robust import robust_aggregate
 
-            averaged = robust_aggregate(self.cfg, server_round, weighted)
-        finite = [(float(r.content[METRICS][TRAIN_LOSS]), w) for r, (_, w) in zip(ok, updates, strict=True)
+                averaged = robust_aggregate(self.cfg, server_round,
+                                            [(a, 1.0) for a, _ in updates] if equal else updates)
+        finite = [(float(r.content[METRICS][TRAIN_LOSS]), w) for r, w in zip(ok, counts, strict=True)
                   if math.isfinite(float(r.content[METRICS][TRAIN_LOSS]))]
         metrics = MetricRecord({"train-clients": len(ok), "train-failures": len(self.last_failures)})
         if finite:  # no finite loss when a strategy took no local step (e.g. zero epochs)
