@@ -9,6 +9,7 @@ interleaved ratio pooled, and how many of them met the target, for the ratio to 
 for the ratio to the plain loop in two processes where the runs recorded it.
 
     python bench/pool_runs.py docs/bench/tiny_clients_runs.json --target 1.5
+    python bench/pool_runs.py docs/bench/tiny_clients_runs.json --from-run 8   # one code's runs
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def main() -> None:
     parser.add_argument("runs_file", type=Path,
                         help='a JSON object with "runs": [round_overhead.py JSON, ...]')
     parser.add_argument("--target", type=float, default=1.5, help="the ratio to meet (default 1.5)")
+    parser.add_argument("--from-run", type=int, default=1,
+                        help="pool runs N.. of the file only (1-based), e.g. those of one code change")
     args = parser.parse_args()
+    if args.from_run < 1:
+        parser.error("--from-run: a run number, 1 or more")
     try:
         runs = json.loads(args.runs_file.read_text())["runs"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"{args.runs_file}: not a runs file ({err}); it needs a JSON object with a "
                          '"runs" list of bench/round_overhead.py results') from None
+    runs = runs[args.from_run - 1:]
     found = False
     for key, label in RATIOS.items():
         verdict = pooled(runs, key, args.target)
@@ -54,7 +60,7 @@ def main() -> None:
             continue
         found = True
         print(f"{label}:")
-        for i, run in enumerate(verdict["runs"], 1):
+        for i, run in enumerate(verdict["runs"], args.from_run):
             print(f"  run {i} ({run['commit']}): median {run['median']:.2f}x "
                   f"(range {run['min']:.2f}-{run['max']:.2f}, {run['count']} simulations)")
         print(f"  pooled: median {verdict['pooled-median']:.3f}x of {verdict['count']} "

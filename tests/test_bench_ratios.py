@@ -209,6 +209,11 @@ def test_pool_runs_gives_each_runs_median_and_the_pooled_verdict(tmp_path) -> No
     assert done.returncode == 0, done.stderr
     assert "run 2 (bbb): median 1.70x" in done.stdout
     assert "pooled: median 1.500x of 5 (range 1.20-1.90); 3 of 5 at or under 1.5x" in done.stdout
+    # one code change's runs alone, numbered as in the file
+    done = subprocess.run(cmd + ["--from-run", "2"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "run 2 (bbb): median 1.70x" in done.stdout and "run 1 (aaa)" not in done.stdout
+    assert "pooled: median 1.700x of 2 (range 1.50-1.90); 1 of 2 at or under 1.5x" in done.stdout
     path.write_text("[]")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "not a runs file" in done.stderr

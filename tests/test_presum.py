@@ -84,3 +84,31 @@ def test_a_group_whose_replies_differ_in_their_arrays_is_left_to_the_server():
     replies[1].content[ARRAYS] = ArrayRecord()  # not a model: the server decides what that means
     assert presum(jobs, replies) == 0
     assert all(PRESUM_INFO not in r.content for r in replies)
+
+
+def test_the_server_asks_for_sums_only_for_its_own_plain_mean_in_a_batched_simulation(monkeypatch):
+    """Not under DP, not with a robust rule, not in a subclass with its own aggregate_train; and
+    the sample rides in the train config only where fedrep's Ray workers run (a deployment's
+    SuperNodes never pre-sum: no 10,000-entry list to every node for nothing)."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    import fedrep.flower_runtime as runtime
+    from fedrep.config import parse_run_config
+    from server.strategies.base import SharedAveraging
+
+    plain = SharedAveraging(parse_run_config({"strategy": "fedavg"}))
+    assert plain._sums_on_workers()
+    assert not SharedAveraging(parse_run_config({"strategy": "fedavg", "dp": "local",
+                                                 "dp-noise-multiplier": 0.5}))._sums_on_workers()
+    robust = parse_run_config({"strategy": "fedavg", "aggregation": "median"})
+    assert not SharedAveraging(robust)._sums_on_workers()
+
+    class OwnMean(SharedAveraging):
+        def aggregate_train(self, server_round, replies):  # type: ignore[override]
+            return super().aggregate_train(server_round, replies)
+
+    assert not OwnMean(parse_run_config({"strategy": "fedavg"}))._sums_on_workers()
+    monkeypatch.setattr(vce_api, "put_message_into_state", runtime.put_message_into_state)
+    assert runtime.batched_workers()
+    monkeypatch.setattr(vce_api, "put_message_into_state", lambda *args: None)
+    assert not runtime.batched_workers()

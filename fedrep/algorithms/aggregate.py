@@ -128,7 +128,9 @@ def weighted_average(
     sums of consecutive updates (:func:`weighted_sum`), added in order and divided by the total
     weight (:func:`average_of_sums`): the arithmetic of a train round, whose partial sums a
     simulation's workers may have made already. None: one group. Accumulates in float64 and
-    returns each array in its input dtype."""
+    returns each array in its input dtype. Sum, then divide, as the official FedRep code does
+    (lgcollins/FedRep ``main_fedrep.py``: ``w_glob[key] += w_local[key]*lens[idx]``, then
+    ``torch.div(w_glob[k], total_len)``; there in float32, in one sequence)."""
     keys = _check_updates(updates)
     total = float(sum(weight for _, weight in updates))
     if total <= 0:

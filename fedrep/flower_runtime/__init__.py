@@ -130,6 +130,14 @@ def replies_stored() -> int:
     return _stored
 
 
+def batched_workers() -> bool:
+    """Whether this process runs its simulations with fedrep's dispatch and Ray workers (the
+    ones that can pre-sum a train round's groups, :mod:`fedrep.flower_runtime.presum`): False in
+    a deployment's ServerApp, whose SuperNodes never do, so the server does not send them the
+    round's sample for nothing."""
+    return vce_api.put_message_into_state is put_message_into_state
+
+
 def wait_for_replies(target: int, interval: float) -> bool:
     """Sleep until :func:`replies_stored` reaches ``target``, or ``interval`` seconds; whether to
     pull now: the target was reached, or this process does not count replies (a deployment's

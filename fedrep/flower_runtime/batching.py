@@ -22,6 +22,9 @@ What this does instead, simulation only (a deployment's SuperNodes are untouched
   next one starts before its replies are read. A call prepared ahead waits on the driver for
   whichever actor frees first, never queued at a busy actor (two calls queued per actor would
   leave the second behind a client that hangs: tests/test_run_folder.py's hanging client).
+* A train round's replies from one call are summed on the actor, group by whole group
+  (:mod:`fedrep.flower_runtime.presum`), where the server asked for it: one sum crosses to the
+  driver for every 16 models, with the bits the server would get summing them itself.
 * :func:`worker` replaces ``vce_api.worker``: one thread per actor takes up to
   :meth:`BatchedRayBackend.batch_limit` waiting messages (never two for one node in one call,
   so each node's context goes in up to date), hands them to its actor, and puts each reply (or
@@ -29,7 +32,8 @@ What this does instead, simulation only (a deployment's SuperNodes are untouched
   worker, unchanged.
 
 The batch limit shrinks with the queue: a quarter of an even share of the waiting messages
-per call slot, at most ``FEDREP_RAY_BATCH`` (default 32; 1 is one message a call). A round of
+per call slot, at most ``FEDREP_RAY_BATCH`` (default 32; 1 is one message a call), a multiple of
+16 (the partial-sum group) from 16 on. A round of
 1,000 messages on 2 actors goes out in calls of up to 32 that shrink to one message each
 as it drains, so neither actor waits long for the other at the end; a federation of
 at most 8 nodes on 2 actors (most tests) always goes one message per call. A client that

@@ -7,7 +7,8 @@ copies each out (``batching.arrays_in_band``) and then reads each again to avera
 2-core machine here that copy and that sum were 1.0 of the driver's 1.5 CPU seconds a round,
 beside two actors that need both cores. The actor already holds the replies, hot in its cache:
 summing them there, and sending one float64 sum per group of ``SUM_GROUP`` clients, took the
-driver to 0.95 CPU seconds a round and the round to 0.93x its time (``bench/process_cpu.py``).
+driver from 1.87 to 1.24 CPU seconds a round and the round to 0.96x its time (interleaved
+``bench/process_cpu.py`` runs with ``FEDREP_PRESUM=0``; README, Performance).
 
 Why it changes no result: a train round's average is *defined* group by group
 (:func:`fedrep.algorithms.aggregate.weighted_average` with :func:`sum_groups`): the groups are

@@ -44,7 +44,7 @@ from fedrep.algorithms.aggregate import average_of_sums, sum_groups, summarize, 
 from fedrep.algorithms.attacks import attackers
 from fedrep.algorithms.sampling import new_clients, sample_clients
 from fedrep.config import RunConfig
-from fedrep.flower_runtime import simulated_partitions
+from fedrep.flower_runtime import batched_workers, simulated_partitions
 from fedrep.flower_runtime.presum import enabled as presum_enabled
 from fedrep.protocol import (
     ACCURACY,
@@ -398,7 +398,7 @@ class SharedAveraging(Federation, Strategy):
             self._sent_arrays, self._sampled = from_record(arrays), len(chosen)
         config[SERVER_ROUND] = server_round
         self._rank_of = {partition: rank for rank, partition in enumerate(sorted(chosen))}
-        if self._sums_on_workers() and presum_enabled():
+        if self._sums_on_workers() and presum_enabled() and batched_workers():
             config[PRESUM_SAMPLED] = sorted(chosen)
             config[PRESUM_WEIGHTS] = "equal" if self.cfg.equal_aggregation() else "num-examples"
         return self._messages(arrays, config, self._nodes_for(chosen), MessageType.TRAIN)
