@@ -81,7 +81,11 @@ def membership(message: Message, context: Context) -> Membership | None:
     config = message.content.get(CONFIG)
     if not isinstance(config, ConfigRecord) or PRESUM_SAMPLED not in config:
         return None
-    sampled = list(config[PRESUM_SAMPLED])  # type: ignore[arg-type]
+    # the record's own list, not a copy: a copy per message would cost O(sample) each, 10^8
+    # element copies a round at 10,000 sampled clients; bisect only reads it
+    sampled = config[PRESUM_SAMPLED]
+    if not isinstance(sampled, list):
+        return None
     weighting = str(config.get(PRESUM_WEIGHTS, ""))
     partition = context.node_config.get(NODE_PARTITION_ID)
     if weighting not in WEIGHTINGS or partition is None:
